@@ -1,0 +1,156 @@
+"""The operator: ``y = x·dequant(W)ᵀ + scaling·(x·Aᵀ)·Bᵀ + bias``.
+
+One schema, declared once here with ``torch.library.custom_op``:
+
+* ``qra::linear`` — the forward;
+* ``qra::linear_backward`` — grad_x, grad_A, grad_B in one call, so a backend can fuse
+  them and re-dequantize W inside its kernel (nothing dequantized is saved for backward:
+  the autograd context keeps only the packed tensors).
+
+Both carry fake (meta) implementations, so ``torch.compile(fullgraph=True)`` traces them
+without graph breaks. The implementation of each call comes from the backend registry
+(:mod:`qra_kernels.backends`).
+"""
+from __future__ import annotations
+
+from typing import Optional, Tuple
+
+import torch
+from torch import Tensor
+
+from .backends import select_backend
+from .format import QuantizedWeight
+
+__all__ = ["qra_linear", "linear_packed"]
+
+ACTIVATION_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+
+@torch.library.custom_op("qra::linear", mutates_args=())
+def _linear(x: Tensor, qweight: Tensor, scales: Tensor, zeros: Tensor, bits: int,
+            group_size: int, out_features: int, lora_A: Optional[Tensor],
+            lora_B: Optional[Tensor], scaling: float, bias: Optional[Tensor]) -> Tensor:
+    return select_backend(x).forward(x, qweight, scales, zeros, bits, group_size, out_features,
+                                     lora_A, lora_B, scaling, bias)
+
+
+@_linear.register_fake
+def _linear_fake(x, qweight, scales, zeros, bits, group_size, out_features, lora_A, lora_B,
+                 scaling, bias):
+    return x.new_empty(*x.shape[:-1], out_features)
+
+
+@torch.library.custom_op("qra::linear_backward", mutates_args=())
+def _linear_backward(grad_out: Tensor, x: Tensor, qweight: Tensor, scales: Tensor,
+                     zeros: Tensor, bits: int, group_size: int, out_features: int,
+                     lora_A: Optional[Tensor], lora_B: Optional[Tensor], scaling: float,
+                     need_x: bool, need_lora: bool) -> Tuple[Tensor, Tensor, Tensor]:
+    gx, ga, gb = select_backend(x).backward(grad_out, x, qweight, scales, zeros, bits,
+                                            group_size, out_features, lora_A, lora_B, scaling,
+                                            need_x, need_lora)
+    # Outputs are always tensors; gradients not asked for come back empty.
+    empty = x.new_empty(0)
+    return (empty if gx is None else gx, empty if ga is None else ga,
+            empty if gb is None else gb)
+
+
+@_linear_backward.register_fake
+def _linear_backward_fake(grad_out, x, qweight, scales, zeros, bits, group_size, out_features,
+                          lora_A, lora_B, scaling, need_x, need_lora):
+    gx = torch.empty_like(x) if need_x else x.new_empty(0)
+    with_lora = need_lora and lora_A is not None
+    ga = torch.empty_like(lora_A) if with_lora else x.new_empty(0)
+    gb = torch.empty_like(lora_B) if with_lora else x.new_empty(0)
+    return gx, ga, gb
+
+
+def _setup_context(ctx, inputs, output):
+    x, qweight, scales, zeros, bits, group_size, out_features, lora_A, lora_B, scaling, bias = inputs
+    ctx.save_for_backward(x, qweight, scales, zeros, lora_A, lora_B)
+    ctx.meta = (bits, group_size, out_features, scaling)
+    ctx.bias_dtype = None if bias is None else bias.dtype
+
+
+def _backward(ctx, grad_out):
+    x, qweight, scales, zeros, lora_A, lora_B = ctx.saved_tensors
+    bits, group_size, out_features, scaling = ctx.meta
+    need = ctx.needs_input_grad
+    need_x = bool(need[0])
+    need_lora = bool(need[7] or need[8])
+    gx, ga, gb = torch.ops.qra.linear_backward(grad_out, x, qweight, scales, zeros, bits,
+                                               group_size, out_features, lora_A, lora_B,
+                                               scaling, need_x, need_lora)
+    gbias = None
+    if ctx.bias_dtype is not None and need[10]:
+        gbias = grad_out.reshape(-1, out_features).sum(0).to(ctx.bias_dtype)
+    return (gx if need_x else None, None, None, None, None, None, None,
+            ga if need_lora and lora_A is not None else None,
+            gb if need_lora and lora_B is not None else None, None, gbias)
+
+
+_linear.register_autograd(_backward, setup_context=_setup_context)
+
+
+def linear_packed(x: Tensor, qweight: Tensor, scales: Tensor, zeros: Tensor, bits: int,
+                  group_size: int, out_features: int, lora_A: Optional[Tensor] = None,
+                  lora_B: Optional[Tensor] = None, scaling: float = 1.0,
+                  bias: Optional[Tensor] = None) -> Tensor:
+    """The op on raw packed tensors (what QRALinear calls). No validation beyond the op's."""
+    return torch.ops.qra.linear(x, qweight, scales, zeros, bits, group_size, out_features,
+                                lora_A, lora_B, float(scaling), bias)
+
+
+def qra_linear(x: Tensor, qw: QuantizedWeight, lora_A: Optional[Tensor] = None,
+               lora_B: Optional[Tensor] = None, scaling: float = 1.0,
+               bias: Optional[Tensor] = None) -> Tensor:
+    """``x @ dequant(W).T + scaling * (x @ lora_A.T) @ lora_B.T + bias``.
+
+    ``x [..., in_features]`` (fp32/fp16/bf16); ``lora_A [r, in_features]``,
+    ``lora_B [out_features, r]``, ``r >= 0`` (both or neither); ``bias [out_features]``.
+    Differentiable in x, lora_A, lora_B and bias; the result has x's dtype.
+    """
+    if not isinstance(qw, QuantizedWeight):
+        raise TypeError(f"qw must be a QuantizedWeight, got {type(qw).__name__}")
+    check_linear_args(x, qw.out_features, qw.in_features, qw.device, lora_A, lora_B, scaling,
+                      bias)
+    return linear_packed(x, qw.qweight, qw.scales, qw.zeros, qw.bits, qw.group_size,
+                         qw.out_features, lora_A, lora_B, scaling, bias)
+
+
+def check_linear_args(x, out_features: int, in_features: int, device, lora_A, lora_B, scaling,
+                      bias) -> None:
+    """Shape, dtype and device checks shared by qra_linear and QRALinear."""
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"x must be a torch.Tensor, got {type(x).__name__}")
+    if x.dtype not in ACTIVATION_DTYPES:
+        raise TypeError(f"x must be float32, float16 or bfloat16, got {x.dtype}")
+    if x.dim() < 1 or x.shape[-1] != in_features:
+        raise ValueError(f"x must have shape [..., {in_features}], got {tuple(x.shape)}")
+    if x.device != device:
+        raise ValueError(f"x is on {x.device} but the quantized weight is on {device}")
+    if (lora_A is None) != (lora_B is None):
+        raise ValueError("lora_A and lora_B must be given together (or neither)")
+    if lora_A is not None:
+        for name, t in (("lora_A", lora_A), ("lora_B", lora_B)):
+            if not isinstance(t, torch.Tensor):
+                raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+            if t.dtype not in ACTIVATION_DTYPES:
+                raise TypeError(f"{name} must be float32, float16 or bfloat16, got {t.dtype}")
+            if t.device != device:
+                raise ValueError(f"{name} is on {t.device} but the weight is on {device}")
+        if lora_A.dim() != 2 or lora_A.shape[1] != in_features:
+            raise ValueError(f"lora_A must have shape [r, {in_features}], got "
+                             f"{tuple(lora_A.shape)}")
+        rank = lora_A.shape[0]
+        if tuple(lora_B.shape) != (out_features, rank):
+            raise ValueError(f"lora_B must have shape [{out_features}, {rank}] to match "
+                             f"lora_A, got {tuple(lora_B.shape)}")
+    if isinstance(scaling, bool) or not isinstance(scaling, (int, float)):
+        raise TypeError(f"scaling must be a float, got {type(scaling).__name__}")
+    if bias is not None:
+        if not isinstance(bias, torch.Tensor) or not bias.is_floating_point():
+            raise TypeError("bias must be a floating-point torch.Tensor or None")
+        if tuple(bias.shape) != (out_features,):
+            raise ValueError(f"bias must have shape [{out_features}], got {tuple(bias.shape)}")
+        if bias.device != device:
+            raise ValueError(f"bias is on {bias.device} but the weight is on {device}")
