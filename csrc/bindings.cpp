@@ -1,0 +1,152 @@
+// pybind11 module qra_kernels._C: raw pointers (Python ints), sizes, dtype codes and the
+// CUDA stream in; no torch headers, so one built wheel works with any torch version. The
+// torch-side wrappers (qra_kernels/_ext.py and backends/) pass tensor.data_ptr() and
+// validate shapes, dtypes, devices and contiguity before calling in here.
+#include <pybind11/pybind11.h>
+
+#include <stdexcept>
+#include <string>
+
+#include "cpu/linear_cpu.h"
+#include "dequant.cuh"
+#if defined(QRA_WITH_CUDA)
+#include "cuda_api.h"
+#endif
+
+namespace py = pybind11;
+
+#ifndef QRA_CUDA_ARCHS
+#define QRA_CUDA_ARCHS ""
+#endif
+
+namespace {
+
+template <class T>
+T* ptr(uintptr_t p) { return reinterpret_cast<T*>(p); }
+
+void check_layout(int bits, int group_size, int64_t M, int64_t N, int64_t K, int64_t Kp) {
+  if (bits != 2 && bits != 3 && bits != 4 && bits != 8)
+    throw std::invalid_argument("bits must be one of 2, 3, 4, 8, got " + std::to_string(bits));
+  if (group_size != 32 && group_size != 64 && group_size != 128)
+    throw std::invalid_argument("group_size must be one of 32, 64, 128, got " +
+                                std::to_string(group_size));
+  if (M < 0 || N < 1 || K < 1 || Kp < K || Kp % group_size)
+    throw std::invalid_argument("bad sizes: M=" + std::to_string(M) + " N=" + std::to_string(N) +
+                                " K=" + std::to_string(K) + " Kp=" + std::to_string(Kp));
+}
+
+void check_scale_dtype(int dtype) {
+  if (dtype != qra::kFloat16 && dtype != qra::kBFloat16)
+    throw std::invalid_argument("scale_dtype must be float16 (1) or bfloat16 (2)");
+}
+
+py::dict build_info() {
+  py::dict d;
+#if defined(QRA_WITH_CUDA)
+  d["cuda_compiled"] = true;
+  py::list archs;
+  std::string s = QRA_CUDA_ARCHS, cur;
+  for (char c : s + ";") {
+    if (c == ';' || c == ',' || c == ' ') {
+      if (!cur.empty()) archs.append(cur);
+      cur.clear();
+    } else {
+      cur += c;
+    }
+  }
+  d["cuda_archs"] = archs;
+#else
+  d["cuda_compiled"] = false;
+  d["cuda_archs"] = py::list();
+#endif
+  d["cpu_extension"] = true;
+  d["cpu_isa"] = std::string(qra::cpu::isa());
+  return d;
+}
+
+}  // namespace
+
+PYBIND11_MODULE(_C, m) {
+  m.doc() = "qra compiled kernels (CPU and, when built with nvcc, CUDA); raw-pointer API";
+  m.def("build_info", &build_info, "What this extension was built with.");
+
+  m.def(
+      "cpu_forward",
+      [](uintptr_t x, uintptr_t qweight, uintptr_t scales, uintptr_t zeros, int scale_dtype,
+         int bits, int group_size, int64_t M, int64_t N, int64_t K, int64_t Kp, uintptr_t lora_A,
+         uintptr_t lora_B, int64_t rank, double scaling, uintptr_t bias, uintptr_t y,
+         int threads) {
+        check_layout(bits, group_size, M, N, K, Kp);
+        check_scale_dtype(scale_dtype);
+        if (rank < 0 || (rank > 0 && (!lora_A || !lora_B)))
+          throw std::invalid_argument("rank > 0 needs lora_A and lora_B");
+        qra::cpu::ForwardArgs a{ptr<const float>(x), ptr<const int32_t>(qweight),
+                                ptr<const uint16_t>(scales), ptr<const uint16_t>(zeros),
+                                scale_dtype, bits, group_size, M, N, K, Kp,
+                                ptr<const float>(lora_A), ptr<const float>(lora_B), rank,
+                                (float)scaling, ptr<const float>(bias), ptr<float>(y)};
+        py::gil_scoped_release release;
+        qra::cpu::forward(a, threads);
+      },
+      "y[M,N] (fp32) = x[M,Kp] (fp32, zero padded) · dequant(W)ᵀ + scaling·(x·Aᵀ)·Bᵀ + bias");
+
+  m.def(
+      "cpu_backward_dx",
+      [](uintptr_t grad_out, uintptr_t qweight, uintptr_t scales, uintptr_t zeros,
+         int scale_dtype, int bits, int group_size, int64_t M, int64_t N, int64_t Kp,
+         uintptr_t grad_x, int threads) {
+        check_layout(bits, group_size, M, N, Kp, Kp);
+        check_scale_dtype(scale_dtype);
+        qra::cpu::BackwardArgs a{ptr<const float>(grad_out), ptr<const int32_t>(qweight),
+                                 ptr<const uint16_t>(scales), ptr<const uint16_t>(zeros),
+                                 scale_dtype, bits, group_size, M, N, Kp, ptr<float>(grad_x)};
+        py::gil_scoped_release release;
+        qra::cpu::backward_dx(a, threads);
+      },
+      "grad_x[M,Kp] (fp32) = grad_out[M,N] (fp32) · dequant(W)");
+
+#if defined(QRA_WITH_CUDA)
+  m.def("cuda_device_count", &qra::cuda::device_count);
+  m.def("cuda_forward_workspace_floats", &qra::cuda::forward_workspace_floats);
+  m.attr("cuda_decode_max_rows") = qra::cuda::kDecodeMaxRows;
+  m.def(
+      "cuda_forward",
+      [](uintptr_t x, int x_dtype, uintptr_t qweight, uintptr_t scales, uintptr_t zeros,
+         int scale_dtype, int bits, int group_size, int64_t M, int64_t N, int64_t K, int64_t Kp,
+         uintptr_t lora_A, uintptr_t lora_B, int lora_dtype, int64_t rank, double scaling,
+         uintptr_t bias, uintptr_t y, uintptr_t workspace, uintptr_t stream) {
+        check_layout(bits, group_size, M, N, K, Kp);
+        check_scale_dtype(scale_dtype);
+        qra::cuda::LinearArgs a{ptr<const void>(x), x_dtype, ptr<const int32_t>(qweight),
+                                ptr<const uint16_t>(scales), ptr<const uint16_t>(zeros),
+                                scale_dtype, bits, group_size, M, N, K, Kp,
+                                ptr<const void>(lora_A), ptr<const void>(lora_B), lora_dtype,
+                                rank, (float)scaling, ptr<const float>(bias), ptr<void>(y),
+                                ptr<float>(workspace), ptr<void>(stream)};
+        const char* err;
+        {
+          py::gil_scoped_release release;
+          err = qra::cuda::linear_forward(a);
+        }
+        if (err) throw std::runtime_error(std::string("qra cuda forward: ") + err);
+      });
+  m.def(
+      "cuda_backward_dx",
+      [](uintptr_t grad_out, int dtype, uintptr_t qweight, uintptr_t scales, uintptr_t zeros,
+         int scale_dtype, int bits, int group_size, int64_t M, int64_t N, int64_t Kp,
+         uintptr_t grad_x, uintptr_t stream) {
+        check_layout(bits, group_size, M, N, Kp, Kp);
+        check_scale_dtype(scale_dtype);
+        qra::cuda::BackwardArgs a{ptr<const void>(grad_out), dtype, ptr<const int32_t>(qweight),
+                                  ptr<const uint16_t>(scales), ptr<const uint16_t>(zeros),
+                                  scale_dtype, bits, group_size, M, N, Kp, ptr<float>(grad_x),
+                                  ptr<void>(stream)};
+        const char* err;
+        {
+          py::gil_scoped_release release;
+          err = qra::cuda::linear_backward_dx(a);
+        }
+        if (err) throw std::runtime_error(std::string("qra cuda backward: ") + err);
+      });
+#endif
+}

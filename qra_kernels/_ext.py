@@ -1,0 +1,106 @@
+"""The compiled extension ``qra_kernels._C`` seen from torch: loading it, and turning
+tensors into the raw pointers, sizes and dtype codes its functions take.
+
+The extension has no torch headers (one wheel works with any torch version), so every
+check that protects it from out-of-bounds reads — shapes, dtypes, devices, contiguity —
+is done here, before a pointer is handed over. A bad call raises ``ValueError`` or
+``TypeError`` naming the argument; it never reaches C++.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+
+from .format import SCALE_DTYPES, check_bits, check_group_size, padded_in_features
+
+__all__ = ["extension", "DTYPE_CODES", "dtype_code", "check_packed", "data_ptr"]
+
+# Must match enum qra::DType in csrc/dequant.cuh.
+DTYPE_CODES = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
+
+_UNSET = object()
+_ext = _UNSET
+
+
+def extension():
+    """The ``qra_kernels._C`` module, or ``None`` when the package was installed without it."""
+    global _ext
+    if _ext is _UNSET:
+        try:
+            from . import _C  # type: ignore[attr-defined]
+            _ext = _C
+        except ImportError:
+            _ext = None
+    return _ext
+
+
+def dtype_code(t: torch.Tensor, name: str) -> int:
+    try:
+        return DTYPE_CODES[t.dtype]
+    except KeyError:
+        raise TypeError(f"{name} must be float32, float16 or bfloat16, got {t.dtype}") from None
+
+
+def data_ptr(t: Optional[torch.Tensor]) -> int:
+    """The address of a contiguous tensor, 0 for None (the C++ side reads 0 as "absent")."""
+    if t is None:
+        return 0
+    assert t.is_contiguous(), "internal error: only contiguous tensors may be passed to _C"
+    return t.data_ptr()
+
+
+def check_packed(qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, bits: int,
+                 group_size: int, out_features: int, in_features: int, device) -> int:
+    """Validates the packed tensors of one matrix against format.py; returns ``Kp``."""
+    check_bits(bits)
+    check_group_size(group_size)
+    if isinstance(out_features, bool) or not isinstance(out_features, int) or out_features < 1:
+        raise ValueError(f"out_features must be a positive int, got {out_features!r}")
+    kp = padded_in_features(in_features, group_size)
+    if qweight.dtype != torch.int32 or tuple(qweight.shape) != (kp * bits // 32, out_features):
+        raise ValueError(f"qweight must be int32 of shape {(kp * bits // 32, out_features)} for "
+                         f"bits={bits}, K={in_features}, got {qweight.dtype} "
+                         f"{tuple(qweight.shape)}")
+    for name, t in (("scales", scales), ("zeros", zeros)):
+        if t.dtype not in SCALE_DTYPES:
+            raise TypeError(f"{name} must be float16 or bfloat16, got {t.dtype}")
+        if tuple(t.shape) != (kp // group_size, out_features):
+            raise ValueError(f"{name} must have shape {(kp // group_size, out_features)}, got "
+                             f"{tuple(t.shape)}")
+    if scales.dtype != zeros.dtype:
+        raise TypeError(f"scales and zeros must share a dtype, got {scales.dtype}, {zeros.dtype}")
+    for name, t in (("qweight", qweight), ("scales", scales), ("zeros", zeros)):
+        if t.device != device:
+            raise ValueError(f"{name} is on {t.device} but x is on {device}")
+    return kp
+
+
+def check_lora(lora_A, lora_B, out_features: int, in_features: int, device) -> int:
+    """Validates the adapter (both or neither); returns its rank (0 without one)."""
+    if (lora_A is None) != (lora_B is None):
+        raise ValueError("lora_A and lora_B must be given together (or neither)")
+    if lora_A is None:
+        return 0
+    for name, t in (("lora_A", lora_A), ("lora_B", lora_B)):
+        dtype_code(t, name)
+        if t.device != device:
+            raise ValueError(f"{name} is on {t.device} but x is on {device}")
+    if lora_A.dim() != 2 or lora_A.shape[1] != in_features:
+        raise ValueError(f"lora_A must have shape [r, {in_features}], got {tuple(lora_A.shape)}")
+    rank = lora_A.shape[0]
+    if tuple(lora_B.shape) != (out_features, rank):
+        raise ValueError(f"lora_B must have shape [{out_features}, {rank}], got "
+                         f"{tuple(lora_B.shape)}")
+    return rank
+
+
+def check_bias(bias, out_features: int, device) -> None:
+    if bias is None:
+        return
+    if not bias.is_floating_point():
+        raise TypeError(f"bias must be a floating-point tensor, got {bias.dtype}")
+    if tuple(bias.shape) != (out_features,):
+        raise ValueError(f"bias must have shape [{out_features}], got {tuple(bias.shape)}")
+    if bias.device != device:
+        raise ValueError(f"bias is on {bias.device} but x is on {device}")
