@@ -15,6 +15,7 @@ from .format import (SUPPORTED_BITS, SUPPORTED_GROUP_SIZES, QuantizedWeight,  # 
 from .modules import QRALinear, quantize_model  # noqa: E402
 from .ops import qra_linear  # noqa: E402
 from .quantizers import quantize_weight  # noqa: E402
+from . import integrations  # noqa: E402,F401 - registers "qra" with transformers when it is imported
 
 __all__ = [
     "__version__", "build_info", "set_backend", "get_backend", "available_backends",
