@@ -1,0 +1,100 @@
+"""How a kernel of this package is launched: compiled on a GPU, interpreted on the CPU.
+
+Triton decides between compiling and interpreting when ``@triton.jit`` *decorates* a
+function (it reads ``TRITON_INTERPRET`` at that moment). That makes one process unable to
+hold both forms, and makes the result depend on import order. Here every kernel is always
+a compiled-form :class:`JITFunction` (so it can also be compiled ahead of time for a GPU
+target, see the tests), and :func:`launcher` builds the interpreted form on demand for
+tensors on the CPU: a copy of the Python function whose globals name the interpreted
+copies of the helpers it calls.
+"""
+from __future__ import annotations
+
+import types
+from typing import Dict
+
+import torch
+import triton.language as tl
+from triton.runtime.jit import JITFunction
+
+__all__ = ["jit", "launcher", "interpreted", "sum_axis", "mma", "ieee_dot"]
+
+
+def jit(fn=None, **kwargs):
+    """``triton.jit`` that always yields the compiled form, whatever TRITON_INTERPRET says."""
+    if fn is None:
+        return lambda f: JITFunction(f, **kwargs)
+    return JITFunction(fn, **kwargs)
+
+
+_INTERPRETED: Dict[JITFunction, object] = {}
+
+
+# Kernels here call no ``@triton.jit`` function of triton.language itself (``tl.sum``,
+# ``tl.zeros``, ...): those were built in one form when triton was imported and fail in the
+# other. ``tl.full`` and ``tl.reduce`` are builtins and work in both; the sum below is
+# ``tl.reduce`` with our own combine function.
+@jit
+def _add(a, b):
+    return a + b
+
+
+@jit
+def sum_axis(x, AXIS: tl.constexpr):
+    """``tl.sum(x, AXIS)`` for fp32 ``x``, usable compiled and interpreted."""
+    return tl.reduce(x, AXIS, _add)
+
+
+@jit
+def mma(a, b, acc, IEEE: tl.constexpr):
+    """``acc + a·b`` in fp32 with ``b`` first rounded to ``a``'s dtype (fp16/bf16/fp32).
+
+    ``IEEE`` (see :func:`ieee_dot`) multiplies in fp32 instead of on fp16/bf16 tensor
+    cores: for fp32 activations (the contract allows them; tf32 would lose precision) and
+    for bf16 under the interpreter, whose ``tl.dot`` multiplies the raw uint16 bits of
+    bf16 tiles. A product of two bf16 values is exact in fp32, so the emulated dot gives
+    the tensor-core result up to summation order.
+    """
+    b = b.to(a.dtype)
+    if IEEE:
+        acc = tl.dot(a.to(tl.float32), b.to(tl.float32), acc, input_precision="ieee")
+    else:
+        acc = tl.dot(a, b, acc)
+    return acc
+
+
+def ieee_dot(t: torch.Tensor) -> bool:
+    """The ``IEEE`` flag of :func:`mma` for activations ``t``."""
+    return t.dtype == torch.float32 or (t.device.type == "cpu" and t.dtype == torch.bfloat16)
+
+
+def interpreted(kernel: JITFunction):
+    """The interpreter form of ``kernel`` (cached), with its jit helpers interpreted too."""
+    done = _INTERPRETED.get(kernel)
+    if done is not None:
+        return done
+    from triton.runtime.interpreter import InterpretedFunction
+
+    fn = kernel.fn
+    namespace = dict(fn.__globals__)
+    copy = types.FunctionType(fn.__code__, namespace, fn.__name__, fn.__defaults__,
+                              fn.__closure__)
+    result = InterpretedFunction(copy)
+    _INTERPRETED[kernel] = result  # before recursing: helpers may refer to each other
+    for name, value in list(namespace.items()):
+        if value is _add:
+            # The interpreter reduces with numpy only for triton's own sum combine
+            # (identity check); any other combine runs element by element in Python.
+            namespace[name] = tl.standard._sum_combine
+        elif isinstance(value, JITFunction):
+            namespace[name] = interpreted(value)
+    return result
+
+
+def launcher(kernel: JITFunction, device: torch.device):
+    """The form of ``kernel`` that runs on ``device``: compiled for CUDA, interpreted on CPU."""
+    if device.type == "cuda":
+        return kernel
+    if device.type == "cpu":
+        return interpreted(kernel)
+    raise ValueError(f"the triton kernels run on cuda (or cpu, interpreted), not {device}")
