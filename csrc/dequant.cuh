@@ -63,6 +63,15 @@ QRA_HD Word plane_code(Word word, int j) {
   return (word >> (unsigned)(j * W)) & ((1u << W) - 1u);
 }
 
+// The j-th code of a plane word left where it sits: code·2^(W·j), for 0 <= j < 32/W - 1
+// (the top slot would reach the sign bit of a signed int conversion). One AND instead of a
+// shift and an AND: the CPU kernel pre-scales the matching activation by 2^-(W·j), which is
+// exact (a power of two), so the product is the same x·code.
+template <int W, class Word>
+QRA_HD Word plane_code_in_place(Word word, int j) {
+  return word & (((1u << W) - 1u) << (unsigned)(j * W));
+}
+
 // The full B-bit code at position j of a word row, given the words of every plane that
 // cover it. For 3-bit, k = 32*t + j sits in low-plane word 2t + j/16 at slot j%16, and in
 // high-plane word t at slot j; callers pass those words.

@@ -3,9 +3,9 @@
 // (built with -mavx2 -mfma -mf16c) and linear_generic.cpp (baseline x86-64 / any CPU),
 // each inside its own namespace QRA_CPU_NS; linear_cpu.cpp picks one at run time.
 //
-// Vectorisation is written with GCC/Clang vector extensions (8 x 32-bit lanes), not
-// intrinsics: the same source becomes AVX2 code in one build and SSE2/NEON/scalar code in
-// the other, and — the point — the lane type goes through the very same templated
+// Vectorisation is written with GCC/Clang vector extensions (QRA_CPU_LANES x 32-bit lanes),
+// not intrinsics: the same source becomes AVX-512, AVX2, or SSE2/NEON/scalar code depending
+// on the build, and — the point — the lane type goes through the very same templated
 // primitives of ../dequant.cuh that the CUDA kernels call with a uint32_t.
 //
 // Why this loop order (forward):
@@ -14,9 +14,10 @@
 //    yields 8 codes. No horizontal reductions are needed.
 //  * The zero point is folded out of the inner loop: per group,
 //      sum_k x_k (q_k - z) s = s · (sum_k x_k q_k - z · sum_k x_k),
-//    so the inner loop is one convert and one FMA per code, and sum_k x_k per group is
-//    computed once per row of x (xsum).
-//  * A block is 16 columns (two vectors): a full 64-byte cache line of each word row.
+//    so the inner loop is mask, convert, FMA per code (see plane_dot), and sum_k x_k per
+//    group is computed once per row of x (xsum).
+//  * A block is two vectors of columns (16 with AVX2, 32 with AVX-512): one or two full
+//    64-byte cache lines of each word row.
 //    Rows of x are taken MT (1, 2 or 4) at a time inside the block, so for M > 4 the block's
 //    weights are re-read from L1/L2, not from memory.
 //  * Threads split the columns into contiguous ranges (no write sharing).
@@ -57,26 +58,31 @@ static void run_parallel(int64_t n, int threads, Fn& fn) {
                &fn);
 }
 
-typedef uint32_t u32x8 __attribute__((vector_size(32)));
-typedef int32_t i32x8 __attribute__((vector_size(32)));
-typedef float f32x8 __attribute__((vector_size(32)));
-typedef uint16_t u16x8 __attribute__((vector_size(16)));
+// QRA_CPU_LANES columns per vector: 8 (AVX2, 32-byte vectors) or 16 (AVX-512 build).
+#ifndef QRA_CPU_LANES
+#define QRA_CPU_LANES 8
+#endif
+typedef uint32_t u32xL __attribute__((vector_size(4 * QRA_CPU_LANES)));
+typedef int32_t i32xL __attribute__((vector_size(4 * QRA_CPU_LANES)));
+typedef float f32xL __attribute__((vector_size(4 * QRA_CPU_LANES)));
+typedef uint16_t u16xL __attribute__((vector_size(2 * QRA_CPU_LANES)));
 
-// Eight columns at once.
-struct Lanes8 {
-  using U = u32x8;
-  using F = f32x8;
-  static constexpr int L = 8;
+// QRA_CPU_LANES adjacent columns at once.
+struct LanesV {
+  using U = u32xL;
+  using F = f32xL;
+  static constexpr int L = QRA_CPU_LANES;
   static U load_words(const int32_t* p) { U v; memcpy(&v, p, sizeof v); return v; }
   static F load(const float* p) { F v; memcpy(&v, p, sizeof v); return v; }
   static void store(float* p, F v) { memcpy(p, &v, sizeof v); }
   static F splat(float s) { F v = {}; return v + s; }
-  // Codes are < 256, so the signed conversion (one instruction on AVX2) is exact.
-  static F to_float(U c) { return __builtin_convertvector((i32x8)c, f32x8); }
+  // Only called on values < 2^31 (see plane_code_in_place), so the signed conversion (one
+  // instruction on AVX2/AVX-512) is exact.
+  static F to_float(U c) { return __builtin_convertvector((i32xL)c, f32xL); }
   static F load_half(const uint16_t* p, int dtype) {
-    u16x8 h;
+    u16xL h;
     memcpy(&h, p, sizeof h);
-    const U w = __builtin_convertvector(h, u32x8);
+    const U w = __builtin_convertvector(h, u32xL);
     return dtype == kBFloat16 ? bf16_bits_to_float<U, F>(w) : fp16_bits_to_float<U, F>(w);
   }
   static float sum(F v) {
@@ -100,16 +106,57 @@ struct Lanes1 {
   static float sum(F v) { return v; }
 };
 
-// Rows of x [MT] x columns [NV vectors of V::L] of y, over the whole reduction.
-template <int B, int MT, int NV, class V>
-static void forward_block(const ForwardArgs& a, const float* xsum, const float* xa,
-                          int64_t n0, int64_t m0) {
+// ---- forward -----------------------------------------------------------------------------
+// The inner loop does three vector ops per code and column vector: mask, convert, FMA.
+// The usual shift before the mask is saved by plane_code_in_place (dequant.cuh): the code
+// at slot j of a word is used where it sits, as the integer code·2^(W·j), and the matching
+// x is pre-scaled by 2^-(W·j) once per call (a power of two: exact). The top slot would land
+// in the sign bit, so it alone is shifted down (a logical shift needs no mask).
+// For 3-bit, the code is linear in its planes (code = low + 4·high), so each plane is
+// reduced on its own against its own pre-scaled x (the high plane's carries the 4).
+template <int W>
+static void prescale_x(const float* x, float* xs, int64_t n, float plane_mult) {
+  constexpr int PW = 32 / W;
+  for (int64_t k = 0; k < n; ++k) {
+    const int j = (int)(k % PW);
+    const float f = j == PW - 1 ? 1.f : 1.f / (float)(1u << (W * j));
+    xs[k] = x[k] * f * plane_mult;
+  }
+}
+
+// acc[i][v] += sum over the word rows [r0, r1) of a plane of width W of xs·code.
+template <int W, int MT, int NV, class V>
+static inline void plane_dot(const int32_t* plane, int64_t N, int64_t n0, int64_t r0, int64_t r1,
+                             const float* xs, int64_t ldx, typename V::F (&acc)[MT][NV]) {
   using U = typename V::U;
   using F = typename V::F;
+  constexpr int L = V::L, PW = 32 / W;
+  for (int64_t r = r0; r < r1; ++r) {
+    U w[NV];
+    for (int v = 0; v < NV; ++v) w[v] = V::load_words(plane + r * N + n0 + v * L);
+#pragma GCC unroll 32
+    for (int j = 0; j < PW; ++j) {
+      F c[NV];
+      for (int v = 0; v < NV; ++v)
+        c[v] = V::to_float(j == PW - 1 ? (U)(w[v] >> (unsigned)(W * j))
+                                       : plane_code_in_place<W, U>(w[v], j));
+      for (int i = 0; i < MT; ++i) {
+        const F xv = V::splat(xs[i * ldx + r * PW + j]);
+        for (int v = 0; v < NV; ++v) acc[i][v] += xv * c[v];
+      }
+    }
+  }
+}
+
+// Rows of x [MT] x columns [NV vectors of V::L] of y, over the whole reduction. xs holds
+// the pre-scaled x of each plane: plane p at xs + p * M * Kp.
+template <int B, int MT, int NV, class V>
+static void forward_block(const ForwardArgs& a, const float* xs, const float* xsum,
+                          const float* xa, int64_t n0, int64_t m0) {
+  using F = typename V::F;
   constexpr int L = V::L;
-  const int64_t N = a.N, Kp = a.Kp, G = Kp / a.group_size;
+  const int64_t N = a.N, Kp = a.Kp, G = Kp / a.group_size, M = a.M;
   const int gs = a.group_size;
-  const float* x = a.x + m0 * Kp;
   F out[MT][NV];
   for (int i = 0; i < MT; ++i)
     for (int v = 0; v < NV; ++v) out[i][v] = V::splat(0.f);
@@ -119,41 +166,14 @@ static void forward_block(const ForwardArgs& a, const float* xsum, const float* 
     for (int i = 0; i < MT; ++i)
       for (int v = 0; v < NV; ++v) acc[i][v] = V::splat(0.f);
     const int64_t k0 = g * gs;
-    if constexpr (B == 3) {
-      // 32 k per step: two words of the 2-bit plane and one of the 1-bit plane.
-      const int32_t* hi_plane = a.qweight + plane_row0<3>(1, Kp) * N;
-      for (int64_t t = k0 / 32; t < (k0 + gs) / 32; ++t) {
-        U lo0[NV], lo1[NV], hi[NV];
-        for (int v = 0; v < NV; ++v) {
-          lo0[v] = V::load_words(a.qweight + (2 * t) * N + n0 + v * L);
-          lo1[v] = V::load_words(a.qweight + (2 * t + 1) * N + n0 + v * L);
-          hi[v] = V::load_words(hi_plane + t * N + n0 + v * L);
-        }
-#pragma GCC unroll 32
-        for (int j = 0; j < 32; ++j) {
-          F c[NV];
-          for (int v = 0; v < NV; ++v)
-            c[v] = V::to_float(code3<U>(j < 16 ? lo0[v] : lo1[v], j & 15, hi[v], j));
-          for (int i = 0; i < MT; ++i) {
-            const F xv = V::splat(x[i * Kp + 32 * t + j]);
-            for (int v = 0; v < NV; ++v) acc[i][v] += xv * c[v];
-          }
-        }
-      }
-    } else {
-      constexpr int W = B, PW = 32 / B;
-      for (int64_t r = k0 / PW; r < (k0 + gs) / PW; ++r) {
-        U w[NV];
-        for (int v = 0; v < NV; ++v) w[v] = V::load_words(a.qweight + r * N + n0 + v * L);
-#pragma GCC unroll 16
-        for (int j = 0; j < PW; ++j) {
-          F c[NV];
-          for (int v = 0; v < NV; ++v) c[v] = V::to_float(plane_code<W, U>(w[v], j));
-          for (int i = 0; i < MT; ++i) {
-            const F xv = V::splat(x[i * Kp + r * PW + j]);
-            for (int v = 0; v < NV; ++v) acc[i][v] += xv * c[v];
-          }
-        }
+    for (int p = 0; p < Bits<B>::kPlanes; ++p) {
+      const int32_t* plane = a.qweight + plane_row0<B>(p, Kp) * N;
+      const float* xp = xs + (p * M + m0) * Kp;
+      if (p == 0) {
+        constexpr int W = Bits<B>::kWidth[0], PW = 32 / W;
+        plane_dot<W, MT, NV, V>(plane, N, n0, k0 / PW, (k0 + gs) / PW, xp, Kp, acc);
+      } else {  // the 1-bit high plane of 3-bit
+        plane_dot<1, MT, NV, V>(plane, N, n0, k0 / 32, (k0 + gs) / 32, xp, Kp, acc);
       }
     }
     for (int v = 0; v < NV; ++v) {
@@ -189,9 +209,17 @@ static void forward_block(const ForwardArgs& a, const float* xsum, const float* 
 template <int B>
 static void forward_bits(const ForwardArgs& a, int threads) {
   const int64_t M = a.M, Kp = a.Kp, G = Kp / a.group_size, K = a.K;
-  Buffer xsum_buf(M * G), xa_buf(M * a.rank);
+  Buffer xsum_buf(M * G), xa_buf(M * a.rank), xs_buf(Bits<B>::kPlanes * M * Kp);
   float* xsum = xsum_buf.p;
   float* xa = xa_buf.p;
+  float* xs = xs_buf.p;
+  for (int p = 0; p < Bits<B>::kPlanes; ++p) {
+    const float mult = (float)(1 << Bits<B>::kOffset[p]);
+    if (p == 0)
+      prescale_x<Bits<B>::kWidth[0]>(a.x, xs, M * Kp, mult);
+    else
+      prescale_x<1>(a.x, xs + M * Kp, M * Kp, mult);
+  }
   for (int64_t m = 0; m < M; ++m)
     for (int64_t g = 0; g < G; ++g) {
       float s = 0.f;
@@ -205,7 +233,7 @@ static void forward_bits(const ForwardArgs& a, int threads) {
       xa[m * a.rank + r] = s;
     }
 
-  constexpr int NV = 2, COLS = NV * Lanes8::L;
+  constexpr int NV = 2, COLS = NV * LanesV::L;
   const int64_t full = a.N / COLS, tail = a.N % COLS;
   // Work units: the full 16-column blocks, then one unit for the tail columns.
   const int64_t units = full + (tail ? 1 : 0);
@@ -217,12 +245,12 @@ static void forward_bits(const ForwardArgs& a, int threads) {
       int64_t m0 = 0;
       if (u < full) {
         const int64_t n0 = u * COLS;
-        for (; m0 + 4 <= M; m0 += 4) forward_block<B, 4, NV, Lanes8>(a, xsum, xa, n0, m0);
-        for (; m0 + 2 <= M; m0 += 2) forward_block<B, 2, NV, Lanes8>(a, xsum, xa, n0, m0);
-        for (; m0 < M; ++m0) forward_block<B, 1, NV, Lanes8>(a, xsum, xa, n0, m0);
+        for (; m0 + 4 <= M; m0 += 4) forward_block<B, 4, NV, LanesV>(a, xs, xsum, xa, n0, m0);
+        for (; m0 + 2 <= M; m0 += 2) forward_block<B, 2, NV, LanesV>(a, xs, xsum, xa, n0, m0);
+        for (; m0 < M; ++m0) forward_block<B, 1, NV, LanesV>(a, xs, xsum, xa, n0, m0);
       } else {
         for (int64_t n0 = full * COLS; n0 < a.N; ++n0)
-          for (m0 = 0; m0 < M; ++m0) forward_block<B, 1, 1, Lanes1>(a, xsum, xa, n0, m0);
+          for (m0 = 0; m0 < M; ++m0) forward_block<B, 1, 1, Lanes1>(a, xs, xsum, xa, n0, m0);
       }
     }
   };
@@ -289,7 +317,7 @@ static void backward_bits(const BackwardArgs& a, int threads) {
       }
       gz[m * G + g] = z_sum;
     }
-  const int64_t n_vec = N / Lanes8::L * Lanes8::L;
+  const int64_t n_vec = N / LanesV::L * LanesV::L;
   const int nthreads = N * Kp < (1 << 20) ? 1 : threads;
   auto body = [&](int64_t g0, int64_t g1) {
     Buffer acc_buf(gsz);
@@ -301,11 +329,11 @@ static void backward_bits(const BackwardArgs& a, int threads) {
           const int64_t row0 = plane_row0<B>(p, Kp);
           const float mult = (float)(1 << Bits<B>::kOffset[p]);
           if (Bits<B>::kWidth[p] == 1) {
-            backward_plane_rows<1, Lanes8>(a, gs, acc_k, g, m, row0, 0, n_vec, mult);
+            backward_plane_rows<1, LanesV>(a, gs, acc_k, g, m, row0, 0, n_vec, mult);
             backward_plane_rows<1, Lanes1>(a, gs, acc_k, g, m, row0, n_vec, N, mult);
           } else {
             constexpr int W0 = Bits<B>::kWidth[0];
-            backward_plane_rows<W0, Lanes8>(a, gs, acc_k, g, m, row0, 0, n_vec, mult);
+            backward_plane_rows<W0, LanesV>(a, gs, acc_k, g, m, row0, 0, n_vec, mult);
             backward_plane_rows<W0, Lanes1>(a, gs, acc_k, g, m, row0, n_vec, N, mult);
           }
         }

@@ -1,4 +1,4 @@
-// Run-time choice between the AVX2 and the portable builds of cpu/kernel.h.
+// Run-time choice between the AVX-512, AVX2 and portable builds of cpu/kernel.h.
 #include "linear_cpu.h"
 
 #include <stdlib.h>
@@ -10,6 +10,10 @@
 namespace qra {
 namespace cpu {
 namespace avx2 {
+void forward(const ForwardArgs& a, int threads);
+void backward_dx(const BackwardArgs& a, int threads);
+}
+namespace avx512 {
 void forward(const ForwardArgs& a, int threads);
 void backward_dx(const BackwardArgs& a, int threads);
 }
@@ -31,31 +35,52 @@ void parallel_for(int64_t n, int threads, void (*fn)(void*, int64_t, int64_t), v
   for (auto& th : pool) th.join();
 }
 
-static bool use_avx2() {
+enum Isa { kGeneric, kAvx2, kAvx512 };
+
+static Isa detect_isa() {
 #if defined(QRA_HAVE_AVX2_BUILD) && (defined(__x86_64__) || defined(__i386__))
-  // QRA_CPU_ISA=generic forces the fallback (used by the tests to cover both builds).
+  // QRA_CPU_ISA=generic|avx2 caps the choice (the tests use it to cover every build).
   const char* force = getenv("QRA_CPU_ISA");
-  if (force && strcmp(force, "generic") == 0) return false;
+  if (force && strcmp(force, "generic") == 0) return kGeneric;
   __builtin_cpu_init();
-  return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") &&
-         __builtin_cpu_supports("f16c");
+  const bool avx2 = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") &&
+                    __builtin_cpu_supports("f16c");
+  if (!avx2) return kGeneric;
+  const bool avx512 = __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+                      __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512dq");
+  if (avx512 && !(force && strcmp(force, "avx2") == 0)) return kAvx512;
+  return kAvx2;
 #else
-  return false;
+  return kGeneric;
 #endif
 }
 
-const char* isa() { return use_avx2() ? "avx2" : "generic"; }
+const char* isa() {
+  switch (detect_isa()) {
+    case kAvx512: return "avx512";
+    case kAvx2: return "avx2";
+    default: return "generic";
+  }
+}
 
 void forward(const ForwardArgs& a, int threads) {
 #if defined(QRA_HAVE_AVX2_BUILD)
-  if (use_avx2()) return avx2::forward(a, threads);
+  switch (detect_isa()) {
+    case kAvx512: return avx512::forward(a, threads);
+    case kAvx2: return avx2::forward(a, threads);
+    default: break;
+  }
 #endif
   generic::forward(a, threads);
 }
 
 void backward_dx(const BackwardArgs& a, int threads) {
 #if defined(QRA_HAVE_AVX2_BUILD)
-  if (use_avx2()) return avx2::backward_dx(a, threads);
+  switch (detect_isa()) {
+    case kAvx512: return avx512::backward_dx(a, threads);
+    case kAvx2: return avx2::backward_dx(a, threads);
+    default: break;
+  }
 #endif
   generic::backward_dx(a, threads);
 }

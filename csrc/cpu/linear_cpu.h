@@ -1,4 +1,4 @@
-// Entry points of the CPU kernel: dispatch to the AVX2 build when the CPU has AVX2 and FMA.
+// Entry points of the CPU kernel: dispatch to the widest build the CPU runs (linear_cpu.cpp).
 #pragma once
 #include <stdint.h>
 
@@ -33,7 +33,7 @@ struct BackwardArgs {
 
 void forward(const ForwardArgs& a, int threads);
 void backward_dx(const BackwardArgs& a, int threads);
-// "avx2" or "generic": the instruction set the dispatcher uses on this CPU.
+// "avx512", "avx2" or "generic": the instruction set the dispatcher uses on this CPU.
 const char* isa();
 }  // namespace cpu
 }  // namespace qra

@@ -1,6 +1,6 @@
 """The C++ CPU kernel (csrc/cpu) against the reference backend: forward and backward, every
-bit-width and group size, odd shapes, ranks 0/7/16, fp32/bf16 activations, both the AVX2
-and the portable build, one threaded shape, and its validation."""
+bit-width and group size, odd shapes, ranks 0/7/16, fp32/bf16 activations, the AVX-512,
+AVX2 and portable builds, one threaded shape, and its validation."""
 import pytest
 import torch
 
@@ -49,10 +49,10 @@ SHAPES = [(37, 100, 32, 7, 3), (64, 256, 64, 0, 1), (130, 200, 128, 16, 7),
 
 @pytest.mark.parametrize("bits", BITS)
 @pytest.mark.parametrize("n,k,g,rank,m", SHAPES)
-@pytest.mark.parametrize("isa", ["native", "generic"])
+@pytest.mark.parametrize("isa", ["native", "avx2", "generic"])
 def test_forward_backward_match_reference(bits, n, k, g, rank, m, isa, monkeypatch):
-    if isa == "generic":  # read by the C++ dispatcher at every call
-        monkeypatch.setenv("QRA_CPU_ISA", "generic")
+    if isa != "native":  # caps the build the C++ dispatcher picks, read at every call
+        monkeypatch.setenv("QRA_CPU_ISA", isa)
     cpu, ref = _backends()
     x, qw, a, b, bias = _case(n, k, g, bits, rank, m)
     args = (qw.qweight, qw.scales, qw.zeros, bits, g, n, a, b, 0.75)
@@ -156,4 +156,4 @@ def test_build_info_reports_the_cpu_extension():
     info = qk.build_info()
     assert info["cpu_extension"] is True
     assert "cpu" in info["backends"]
-    assert _ext.extension().build_info()["cpu_isa"] in ("avx2", "generic")
+    assert _ext.extension().build_info()["cpu_isa"] in ("avx512", "avx2", "generic")
