@@ -23,6 +23,11 @@ _LAZY = {"QraConfig": "transformers", "QraHfQuantizer": "transformers"}
 
 def register_with_transformers() -> None:
     """Register ``"qra"`` (config and quantizer) with transformers now; safe to repeat."""
+    module = sys.modules.get(f"{__name__}.transformers")
+    if module is not None and not hasattr(module, "register"):
+        # Our own module is mid-import (it imports transformers' registry, which fired the
+        # hook); it registers itself as its last statement.
+        return
     from .transformers import register
     register()
 

@@ -58,8 +58,8 @@ class QraConfig(QuantizationConfigMixin):
         group_size: 32, 64 or 128 input features per scale/zero.
         layer_bits: ``{exact module name: bits}`` — e.g. from an allocation
             (:meth:`from_allocation`). Names that are not linear layers of the model raise.
-        modules_to_not_convert: module names (or dotted suffixes/prefixes of them) left in
-            floating point; ``["lm_head"]`` by default (often tied to the embeddings).
+        modules_to_not_convert: module names, or runs of whole dotted components of them
+            (``"mlp"``, ``"layers.0"``), left in floating point; ``["lm_head"]`` by default (often tied to the embeddings).
         method: ``"hqq"`` (default) or ``"rtn"``, see :func:`qra_kernels.quantize_weight`.
         scale_dtype: ``"float16"`` or ``"bfloat16"`` for the stored scales and zeros.
         pad: pad the input dimension up to a multiple of ``group_size`` where it is not one.
@@ -127,8 +127,10 @@ class QraConfig(QuantizationConfigMixin):
 
     # --- which layer gets what ---------------------------------------------------------
     def skips(self, name: str) -> bool:
-        return any(name == m or name.endswith("." + m) or name.startswith(m + ".")
-                   for m in self.modules_to_not_convert)
+        # A skip entry matches whole dotted components anywhere in the name: "lm_head",
+        # "mlp" (every MLP projection), "layers.0" — but "proj" never matches "q_proj".
+        dotted = f".{name}."
+        return any(f".{m}." in dotted for m in self.modules_to_not_convert)
 
     def plan(self, model: nn.Module) -> Dict[str, int]:
         """``{module name: bits}`` for every layer this config quantizes in ``model``."""
