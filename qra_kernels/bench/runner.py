@@ -42,6 +42,7 @@ class SuiteConfig:
     max_rounds: int = 15
     max_copies: int = 1024                # cache protocol caps (timing.make_copies)
     copies_memory_budget: int = 256 << 20
+    max_pass_s: float = 1.0               # ... and a pass over the copies takes at most this
     implementations: Tuple[str, ...] = () # empty: every qra backend and every peer
     peers: bool = True
     seed: int = 0
@@ -60,8 +61,10 @@ class SuiteConfig:
         if self.activation_dtype not in _DTYPES:
             raise ValueError(f"activation_dtype must be one of {sorted(_DTYPES)}, "
                              f"got {self.activation_dtype!r}")
-        if self.min_time_s <= 0 or self.max_rounds < 1:
-            raise ValueError("min_time_s must be > 0 and max_rounds >= 1")
+        if self.min_time_s <= 0 or self.max_rounds < 1 or self.max_pass_s <= 0:
+            raise ValueError("min_time_s and max_pass_s must be > 0 and max_rounds >= 1")
+        if self.max_copies < 1:
+            raise ValueError(f"max_copies must be >= 1, got {self.max_copies}")
         shapes_for(self.models, self.layers)  # raises on unknown names
 
 
@@ -70,7 +73,7 @@ _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torc
 # --quick: the SmolLM2-135M projections, decode and a small batch, ranks 0 and 16 — a few
 # minutes on a shared 2-core CPU with every CPU peer.
 QUICK = SuiteConfig(models=("SmolLM2-135M",), layers=("q_proj", "gate_proj", "down_proj"),
-                    ranks=(0, 16), ms=(1, 64), min_time_s=0.05, max_rounds=7)
+                    ranks=(0, 16), ms=(1, 64), min_time_s=0.05, max_rounds=7, max_pass_s=0.15)
 # The full sweep (what a GPU session runs): all three models, ranks 0/8/16/64, M 1..4096.
 FULL = SuiteConfig(models=("SmolLM2-135M", "Qwen3-4B", "Llama-3-8B"),
                    ranks=(0, 8, 16, 64), ms=(1, 4, 16, 64, 256, 1024, 4096))
@@ -213,9 +216,11 @@ def _measure(impl, base, x, n, lora, device, cache_bytes, bw_GBps, config) -> di
                                f"{(x.shape[0], n)}")
         del out
         memory = timing.peak_call_memory(prepared.call, prepared.state, device)
+        call_s = timing.one_call_s(prepared.call, prepared.state, device)
         states = timing.make_copies(prepared.state, bytes_read, cache_bytes,
                                     max_copies=config.max_copies,
-                                    memory_budget=config.copies_memory_budget)
+                                    memory_budget=config.copies_memory_budget,
+                                    call_s=call_s, max_pass_s=config.max_pass_s)
         t = timing.time_calls(prepared.call, states, device, bytes_read, cache_bytes,
                               min_time_s=config.min_time_s, max_rounds=config.max_rounds)
         del states

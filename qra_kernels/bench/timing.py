@@ -5,8 +5,8 @@ Cache protocol (fixed, stated in every report): each timed pass calls the operat
 with ``copies`` chosen so one pass touches at least twice the last-level cache (the CPU's
 L3, the GPU's L2). When an operand comes round again it has been evicted, so every call
 reads its weights from memory — the decode situation, where a layer's weights were last
-touched one whole forward pass ago. The number of copies is capped (``max_copies`` and a
-memory budget); a report row says how many were used and whether the pass really
+touched one whole forward pass ago. The number of copies is capped (``max_copies``, a
+memory budget, and a time per pass for slow calls); a report row says how many were used and whether the pass really
 exceeded twice the cache (``cold_cache``).
 
 Timer: on the CPU, ``time.perf_counter`` around whole passes (the Python dispatch of the
@@ -20,9 +20,10 @@ allocated before it (its temporaries plus its output). On a GPU from
 ``torch.cuda.max_memory_allocated``; on Linux CPUs from the process's resident-set
 high-water mark (``VmHWM``), reset before the call through ``/proc/self/clear_refs``.
 glibc keeps freed memory for reuse, so a temporary that fits in memory it already holds
-would not raise the high-water mark; during the measured call every allocation of 64 KiB
-or more is therefore served by its own ``mmap`` (``mallopt(M_MMAP_THRESHOLD)``), and the
-threshold is put back to glibc's ceiling (32 MiB) afterwards, for every implementation
+would not raise the high-water mark; before the measured call free heap memory is
+returned to the kernel (``malloc_trim``), during it every allocation of 64 KiB or more is
+served by its own ``mmap`` (``mallopt(M_MMAP_THRESHOLD)``), and then the
+threshold is put back to glibc's ceiling (32 MiB), for every implementation
 alike. Temporaries below 64 KiB are not seen, and resolution is one page.
 """
 from __future__ import annotations
@@ -40,7 +41,7 @@ from typing import Any, Callable, List, Optional
 
 import torch
 
-__all__ = ["Timing", "make_copies", "time_calls", "peak_call_memory"]
+__all__ = ["Timing", "make_copies", "one_call_s", "time_calls", "peak_call_memory"]
 
 
 @dataclass
@@ -55,10 +56,20 @@ class Timing:
 
 
 def make_copies(state: Any, bytes_per_call: int, cache_bytes: int, max_copies: int = 512,
-                memory_budget: int = 1 << 30) -> List[Any]:
-    """``state`` plus deep copies of it, enough that one pass exceeds ``2 * cache_bytes``."""
+                memory_budget: int = 1 << 30, call_s: Optional[float] = None,
+                max_pass_s: Optional[float] = None) -> List[Any]:
+    """``state`` plus deep copies of it, enough that one pass exceeds ``2 * cache_bytes``.
+
+    Capped by ``max_copies``, by ``memory_budget`` bytes of copies and — when ``call_s``
+    (one warm call's time) and ``max_pass_s`` are given — by the pass taking at most
+    ``max_pass_s``: a call that slow is dominated by its own arithmetic, not by where its
+    weights come from, and thousands of copies would only make the run long. Rows whose
+    pass stays under ``2 * cache_bytes`` are marked ``cold_cache: false``.
+    """
     want = max(1, math.ceil(2 * cache_bytes / max(1, bytes_per_call)))
     cap = max(1, min(max_copies, memory_budget // max(1, bytes_per_call)))
+    if call_s is not None and max_pass_s is not None and call_s > 0:
+        cap = max(1, min(cap, int(max_pass_s / call_s)))
     n = min(want, cap)
     return [state] + [copy.deepcopy(state) for _ in range(n - 1)]
 
@@ -66,6 +77,15 @@ def make_copies(state: Any, bytes_per_call: int, cache_bytes: int, max_copies: i
 def _sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
+
+
+def one_call_s(fn: Callable[[Any], Any], state: Any, device: torch.device) -> float:
+    """Seconds of one warm call (a rough figure, for sizing the timed passes)."""
+    _sync(device)
+    t0 = time.perf_counter()
+    fn(state)
+    _sync(device)
+    return time.perf_counter() - t0
 
 
 def time_calls(fn: Callable[[Any], Any], states: List[Any], device: torch.device,
@@ -202,6 +222,9 @@ def _mmap_large_allocations(threshold: int = 64 << 10, restore: int = 32 << 20):
         _libc = ctypes.CDLL(name)
     if not hasattr(_libc, "mallopt") or _libc.mallopt(_M_MMAP_THRESHOLD, threshold) != 1:
         raise OSError("mallopt(M_MMAP_THRESHOLD) is not available (not glibc)")
+    # The threshold only applies when the heap must grow; free heap memory left by earlier
+    # calls is resident and would be reused unseen, so hand it back to the kernel first.
+    _libc.malloc_trim(0)
     try:
         yield
     finally:

@@ -1,0 +1,240 @@
+"""``qra bench``: kernel microbenchmarks of every qra backend against the peers and the
+hardware limit, plus end-to-end decode and training numbers; writes JSON + PNG.
+
+The CLI (``qra bench``) calls :func:`add_arguments` and :func:`main_from_args`;
+``python -m qra_kernels.bench`` runs the same thing on its own.
+
+Modules: :mod:`.shapes` (real projection shapes), :mod:`.impls` (qra backends and peers),
+:mod:`.timing` (cache protocol, timers, memory), :mod:`.machine` (machine description and
+measured copy bandwidth), :mod:`.runner` (the sweep), :mod:`.report` (table, speed-ups,
+PNG), :mod:`.end_to_end` (SmolLM2-135M decode and training step; Llama-3-8B-shaped GPU
+stack).
+"""
+from __future__ import annotations
+
+import argparse
+import datetime
+import os
+import re
+import shlex
+import sys
+import time
+from typing import List, Optional, Sequence
+
+__all__ = ["add_arguments", "main_from_args", "main", "build_config"]
+
+
+def _int_list(text: str) -> List[int]:
+    try:
+        values = [int(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}")
+    if not values:
+        raise argparse.ArgumentTypeError("expected at least one integer")
+    return values
+
+
+def _str_list(text: str) -> List[str]:
+    values = [v.strip() for v in text.split(",") if v.strip()]
+    if not values:
+        raise argparse.ArgumentTypeError("expected at least one name")
+    return values
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    """Add ``qra bench``'s options to ``parser``."""
+    parser.add_argument("--quick", action="store_true",
+                        help="the small sweep (SmolLM2-135M projections, M 1 and 64, ranks 0 "
+                             "and 16): a few minutes on a 2-core CPU")
+    parser.add_argument("--out", default="bench-results", metavar="DIR",
+                        help="directory for the JSON and PNG (default: %(default)s)")
+    parser.add_argument("--name", default=None,
+                        help="file stem of the outputs (default: <device>-<UTC date>)")
+    parser.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"),
+                        help="where to run (auto: cuda when a GPU is visible)")
+    parser.add_argument("--models", type=_str_list, default=None,
+                        help="comma-separated: SmolLM2-135M, Qwen3-4B, Llama-3-8B, tiny")
+    parser.add_argument("--layers", type=_str_list, default=None,
+                        help="only these projections (q_proj, k_proj, o_proj, gate_proj, "
+                             "down_proj)")
+    parser.add_argument("--bits", type=_int_list, default=None, help="e.g. 2,3,4,8")
+    parser.add_argument("--ranks", type=_int_list, default=None, help="LoRA ranks, e.g. 0,16")
+    parser.add_argument("--ms", type=_int_list, default=None,
+                        help="rows of x (tokens), e.g. 1,16,256")
+    parser.add_argument("--group-size", type=int, default=None, help="32, 64 or 128")
+    parser.add_argument("--implementations", type=_str_list, default=None,
+                        help="only these (e.g. qra:reference,torch_dense_fp32)")
+    parser.add_argument("--no-peers", action="store_true", help="qra backends only")
+    parser.add_argument("--min-time", type=float, default=None,
+                        help="seconds of timed passes per case")
+    parser.add_argument("--max-copies", type=int, default=None,
+                        help="cap on operand copies of the cache protocol")
+    parser.add_argument("--no-e2e", action="store_true",
+                        help="skip the end-to-end model measurements")
+    parser.add_argument("--threads", type=int, default=None,
+                        help="torch CPU threads (default: torch's choice)")
+    parser.add_argument("--no-png", action="store_true", help="write the JSON only")
+    return parser
+
+
+def build_config(args: argparse.Namespace):
+    """The :class:`~qra_kernels.bench.runner.SuiteConfig` the options describe."""
+    import torch
+    from .runner import FULL, QUICK, with_overrides
+    device = args.device
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    base = QUICK if args.quick else FULL
+    cfg = with_overrides(
+        base, device=device,
+        models=tuple(args.models) if args.models else None,
+        layers=tuple(args.layers) if args.layers is not None else (
+            () if args.models and not args.quick else None),
+        bits=tuple(args.bits) if args.bits else None,
+        ranks=tuple(args.ranks) if args.ranks else None,
+        ms=tuple(args.ms) if args.ms else None,
+        group_size=args.group_size,
+        implementations=tuple(args.implementations) if args.implementations else None,
+        peers=False if args.no_peers else None,
+        min_time_s=args.min_time,
+        max_copies=args.max_copies,
+        activation_dtype="bfloat16" if device == "cuda" else None,
+    )
+    if args.models and args.quick and args.layers is None:
+        cfg = with_overrides(cfg, layers=())  # QUICK's layer list belongs to SmolLM2
+    return cfg
+
+
+def _device_slug(report: dict) -> str:
+    gpu = report["machine"].get("gpu")
+    if gpu:
+        return re.sub(r"[^a-z0-9]+", "-", gpu["name"].lower()).strip("-")
+    return "cpu"
+
+
+def main_from_args(args: argparse.Namespace) -> int:
+    """Run the benchmarks the parsed options ask for; 0 on success, 2 on bad input."""
+    import torch
+    from . import report as report_mod
+    from .runner import run_suite
+
+    try:
+        if args.threads is not None:
+            if args.threads < 1:
+                raise ValueError(f"--threads must be >= 1, got {args.threads}")
+            torch.set_num_threads(args.threads)
+        config = build_config(args)
+        config.validate()
+        if config.device == "cuda" and not torch.cuda.is_available():
+            raise ValueError("--device cuda: torch sees no CUDA GPU")
+    except (ValueError, TypeError) as e:
+        print(f"qra bench: {e}", file=sys.stderr)
+        return 2
+
+    command = "qra bench " + " ".join(shlex.quote(a) for a in getattr(args, "argv", []) or [])
+    t0 = time.perf_counter()
+    bar = _Progress()
+    try:
+        result = run_suite(config, progress=bar.update, command=command.strip())
+    except (ValueError, TypeError) as e:
+        bar.close()
+        print(f"qra bench: {e}", file=sys.stderr)
+        return 2
+    bar.close()
+    result["summary"] = report_mod.summarize(result["rows"])
+
+    if not args.no_e2e:
+        result["end_to_end"] = _end_to_end(config, args.quick)
+    result["wall_s"] = time.perf_counter() - t0
+
+    stem = args.name or f"{_device_slug(result)}-{datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d}"
+    os.makedirs(args.out, exist_ok=True)
+    json_path = os.path.join(args.out, f"{stem}.json")
+    result["outputs"] = {"json": json_path}
+    if not args.no_png:
+        png_path = os.path.join(args.out, f"{stem}.png")
+        report_mod.write_png(result, png_path)
+        result["outputs"]["png"] = png_path
+    report_mod.write_json(result, json_path)
+
+    print(report_mod.format_table(result))
+    if "end_to_end" in result:
+        print()
+        print(_format_e2e(result["end_to_end"]))
+    print(f"\nwrote {', '.join(result['outputs'].values())} in {result['wall_s']:.0f} s")
+    return 0
+
+
+def _end_to_end(config, quick: bool) -> dict:
+    from . import end_to_end
+    out: dict = {}
+    say = lambda s: print(f"[e2e] {s}", file=sys.stderr, flush=True)  # noqa: E731
+    if config.device == "cpu":
+        try:
+            out["smollm2_135m_cpu"] = end_to_end.smollm2_end_to_end(
+                new_tokens=8 if quick else 32, seq_len=64 if quick else 128, progress=say)
+        except Exception as e:  # noqa: BLE001 - e.g. the model package is not installed
+            out["smollm2_135m_cpu"] = {"error": f"{type(e).__name__}: {e}"}
+    else:
+        try:
+            out["llama3_8b_stack_gpu"] = end_to_end.llama3_8b_stack(device=config.device)
+        except Exception as e:  # noqa: BLE001
+            out["llama3_8b_stack_gpu"] = {"error": f"{type(e).__name__}: {e}"}
+    return out
+
+
+def _format_e2e(e2e: dict) -> str:
+    lines = []
+    for name, res in e2e.items():
+        if "error" in res:
+            lines.append(f"{name}: not run ({res['error']})")
+            continue
+        if "variants" in res:
+            lines.append(f"{name}: {res['model']}, {res['bits']}-bit, LoRA rank {res['rank']}")
+            lines.append(f"  {'variant':<30}{'decode tok/s':>13}{'train step s':>14}"
+                         f"{'step peak MiB':>15}{'proj MiB':>10}")
+            for v, r in res["variants"].items():
+                if "error" in r:
+                    lines.append(f"  {v:<30}failed: {r['error']}")
+                    continue
+                peak = r["train_step"]["peak_memory_rise_bytes"]
+                lines.append(f"  {v:<30}{r['decode']['decode_tokens_per_s']:>13.2f}"
+                             f"{r['train_step']['step_s']:>14.2f}"
+                             f"{'n/a' if peak is None else f'{peak / 2**20:.0f}':>15}"
+                             f"{r['stored_projection_bytes'] / 2**20:>10.1f}")
+        else:
+            lines.append(f"{name}: {res}")
+    return "\n".join(lines)
+
+
+class _Progress:
+    """A one-line progress bar on stderr (tqdm when present)."""
+
+    def __init__(self):
+        self._bar = None
+
+    def update(self, done: int, total: int, label: str) -> None:
+        if self._bar is None:
+            try:
+                from tqdm import tqdm
+                self._bar = tqdm(total=total, unit="case", file=sys.stderr, dynamic_ncols=True)
+            except ImportError:
+                self._bar = False
+        if self._bar:
+            self._bar.set_postfix_str(label[-60:], refresh=False)
+            self._bar.update(1)
+        elif done == total or done % 25 == 0:
+            print(f"[{done}/{total}] {label}", file=sys.stderr, flush=True)
+
+    def close(self) -> None:
+        if self._bar:
+            self._bar.close()
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    parser = argparse.ArgumentParser(prog="qra bench", description=__doc__.split("\n")[0])
+    add_arguments(parser)
+    argv = list(sys.argv[1:] if argv is None else argv)
+    args = parser.parse_args(argv)
+    args.argv = argv
+    return main_from_args(args)
