@@ -4,5 +4,6 @@ Talks to the model only through "evaluate this allocation" and to the kernels on
 through the cost model ("what does this allocation cost", in bytes and microseconds).
 """
 from .allocation import Allocation, linear_shapes
+from .search import SearchResult, run_search
 
-__all__ = ["Allocation", "linear_shapes"]
+__all__ = ["Allocation", "linear_shapes", "run_search", "SearchResult"]

@@ -185,8 +185,23 @@ class Evaluator:
         self.float_w = {n: m.weight.detach().clone() for n, m in self.linears.items()}
         self._current: Dict[str, Tuple[int, int]] = {}
         self.n_forward = 0
+        self._blocks = _decoder_blocks(model)
+        self._block_of = {}
+        if self._blocks is not None:
+            ids = {id(b): i for i, b in enumerate(self._blocks[0])}
+            for n in self.linears:
+                parts = n.split(".")
+                for j in range(len(parts), 0, -1):
+                    mod = model.get_submodule(".".join(parts[:j])) if j else model
+                    if id(mod) in ids:
+                        self._block_of[n] = ids[id(mod)]
+                        break
         with torch.no_grad():
-            self._ref_logp = [self._logits(b).log_softmax(-1) for b in self._batches(calib)]
+            self._ref_logp, self._block_inputs = [], []
+            for b in self._batches(calib):
+                logits, inputs = self._capture(b)
+                self._ref_logp.append(logits.log_softmax(-1))
+                self._block_inputs.append(inputs)
 
     # --- weights -------------------------------------------------------------------------
     def apply(self, config: Config) -> None:
@@ -218,13 +233,52 @@ class Evaluator:
         self.n_forward += 1
         return self.model(ids, use_cache=False).logits[:, :-1].float()
 
+    def _capture(self, ids: torch.Tensor):
+        """Float logits, and each decoder block's input (hidden states, keyword arguments)
+        so that a pass where blocks ``< i`` are unchanged can start at block ``i``."""
+        if self._blocks is None:
+            return self._logits(ids), None
+        inputs, hooks = [], []
+
+        def pre(module, args, kwargs):
+            inputs.append((args[0].detach() if args else kwargs["hidden_states"].detach(),
+                           {k: v for k, v in kwargs.items() if k != "hidden_states"}))
+        for blk in self._blocks[0]:
+            hooks.append(blk.register_forward_pre_hook(pre, with_kwargs=True))
+        try:
+            logits = self._logits(ids)
+        finally:
+            for h in hooks:
+                h.remove()
+        return logits, inputs
+
+    def _logits_from(self, start: int, inputs) -> torch.Tensor:
+        self.n_forward += 1
+        layers, norm, head = self._blocks
+        h, kwargs = inputs[start]
+        for blk in layers[start:]:
+            out = blk(h, **kwargs)
+            h = out[0] if isinstance(out, tuple) else out
+        return head(norm(h))[:, :-1].float()
+
+    def first_changed_block(self, config: Config) -> int:
+        """Index of the first decoder block holding a layer that differs from float."""
+        if self._blocks is None:
+            return 0
+        return min((self._block_of.get(n, 0) for n in config), default=len(self._blocks[0]))
+
     @torch.no_grad()
     def kl(self, config: Config) -> float:
         """Mean per-token KL(float ‖ quantized) on the calibration tokens."""
         self.apply(config)
+        start = self.first_changed_block(config)
         total, count = 0.0, 0
-        for ref, ids in zip(self._ref_logp, self._batches(self.calib)):
-            logq = self._logits(ids).log_softmax(-1)
+        for ref, ids, inputs in zip(self._ref_logp, self._batches(self.calib), self._block_inputs):
+            if inputs is not None and 0 < start < len(inputs):
+                logits = self._logits_from(start, inputs)
+            else:
+                logits = self._logits(ids)
+            logq = logits.log_softmax(-1)
             total += float(F.kl_div(logq, ref, log_target=True, reduction="sum"))
             count += ref.shape[0] * ref.shape[1]
         return total / count
@@ -290,6 +344,17 @@ class Evaluator:
             for p in frozen:
                 p.requires_grad_(True)
             self.model.train(was_training)
+
+
+def _decoder_blocks(model: nn.Module):
+    """(blocks, final norm, output head) of a decoder-only transformers model, else None."""
+    inner = getattr(model, "model", None)
+    layers = getattr(inner, "layers", None)
+    norm = getattr(inner, "norm", None)
+    head = getattr(model, "lm_head", None)
+    if isinstance(layers, nn.ModuleList) and len(layers) and norm is not None and head is not None:
+        return layers, norm, head
+    return None
 
 
 def _lora_hook(A: torch.Tensor, B: torch.Tensor):

@@ -128,7 +128,7 @@ def run_search(model, calibration, budget_bits: Optional[float] = 4.0, *,
     t0 = time.perf_counter()
 
     tokens = tokens_from(calibration, tokenizer, seq_len, n_blocks)
-    n_valid = tokens.shape[0] // 4
+    n_valid = max(1, tokens.shape[0] // 4) if tokens.shape[0] >= 2 else 0
     calib, valid = (tokens[:-n_valid], tokens[-n_valid:]) if n_valid else (tokens, tokens)
     shapes = linear_shapes(model)
     if not shapes:

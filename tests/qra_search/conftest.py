@@ -1,4 +1,4 @@
-"""A tiny random Llama built from a config (no download) and token blocks for it."""
+"""A tiny random Llama built from a config (no download), token blocks and a tiny tokenizer."""
 import pytest
 import torch
 
@@ -17,6 +17,20 @@ def tiny_llama(seed: int = 0, layers: int = 2):
     return model
 
 
+def tiny_tokenizer():
+    """A 256-token byte-level BPE trained in milliseconds on CPython's docs."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+    from qra_search.models import documentation_texts
+    tok = Tokenizer(models.BPE(unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=256, special_tokens=["<unk>", "<eos>"],
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet()[:200])
+    tok.train_from_iterator(documentation_texts()[:40], trainer)
+    return PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", eos_token="<eos>")
+
+
 @pytest.fixture
 def model():
     return tiny_llama()
@@ -26,3 +40,11 @@ def model():
 def tokens():
     g = torch.Generator().manual_seed(1)
     return torch.randint(0, 256, (4, 32), generator=g)
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
