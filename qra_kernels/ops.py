@@ -48,10 +48,10 @@ def _linear_backward(grad_out: Tensor, x: Tensor, qweight: Tensor, scales: Tenso
     gx, ga, gb = select_backend(x).backward(grad_out, x, qweight, scales, zeros, bits,
                                             group_size, out_features, lora_A, lora_B, scaling,
                                             need_x, need_lora)
-    # Outputs are always tensors; gradients not asked for come back empty.
-    empty = x.new_empty(0)
-    return (empty if gx is None else gx, empty if ga is None else ga,
-            empty if gb is None else gb)
+    # Outputs are always tensors; gradients not asked for come back empty (a fresh tensor
+    # each: custom-op outputs may not alias one another).
+    return (x.new_empty(0) if gx is None else gx, x.new_empty(0) if ga is None else ga,
+            x.new_empty(0) if gb is None else gb)
 
 
 @_linear_backward.register_fake

@@ -134,6 +134,11 @@ def _rtn_params(w, qmax, dtype):
     # A constant group: any positive scale works; |value| keeps the code grid near it.
     s = torch.where(s > 0, s, torch.where(mn != 0, mn.abs(), torch.ones_like(mn)))
     s, _ = _stored(s, mn, dtype)
+    # Round the stored scale *up* where storage rounded it down, so the code grid still spans
+    # [min, max]: otherwise tiny groups (fp16 subnormal scales, 2-3 significant bits) clamp
+    # their extremes by several steps.
+    short = s.float() < (mx - mn) / qmax
+    s = torch.where(short, torch.nextafter(s, torch.full_like(s, float("inf"))), s)
     z = torch.round(-mn / s.float()).clamp(0, qmax)
     return s, z.to(dtype)
 
