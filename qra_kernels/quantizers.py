@@ -18,7 +18,8 @@ Two methods:
   perplexity does not follow (``rtn`` 60, ``hqq`` ~170): without calibration data no
   weight-space objective we tried (clipping grids, a max-error bound, gain debiasing)
   protects the few input channels of v_proj/down_proj that carry massive activations.
-  So the method is a per-bit-width choice: :data:`RECOMMENDED_METHOD` records the
+  At 2 bits both are unusable uniformly (ppl ~1.9e5 hqq, ~3.8e5 rtn) and ``hqq`` is the
+  less bad. So the method is a per-bit-width choice: :data:`RECOMMENDED_METHOD` records the
   measured better one for each bit-width, and callers that quantize whole models use it.
 
 Quantization works through the rows in chunks, so its temporaries stay within a few
