@@ -8,6 +8,8 @@ Environment:
   without a C++ compiler);
 * ``QRA_REQUIRE_CUDA=1`` / ``QRA_REQUIRE_EXTENSION=1`` — a failed (CUDA) build is an error
   instead of a warning and a fallback (CI uses the first);
+* ``QRA_BUILD_DIR`` — where CMake builds (default: setuptools' build_temp; a fresh
+  directory forces a from-scratch compile, as .ci/wheel.sh does);
 * ``CMAKE_BUILD_PARALLEL_LEVEL`` — parallel compile jobs (default: the CPU count).
 
 Without a C++ compiler or CMake the package installs as pure Python: the reference and
@@ -100,7 +102,8 @@ class CMakeBuild(build_ext):
         cmake = _find_cmake()
         out_dir = Path(self.get_ext_fullpath(ext.name)).resolve().parent
         # Separate trees: a CPU-only retry must not reuse a cache configured for CUDA.
-        build_dir = Path(self.build_temp).resolve() / ("cmake-cuda" if nvcc else "cmake-cpu")
+        base = Path(os.environ.get("QRA_BUILD_DIR") or self.build_temp).resolve()
+        build_dir = base / ("cmake-cuda" if nvcc else "cmake-cpu")
         build_dir.mkdir(parents=True, exist_ok=True)
         args = [
             f"-DCMAKE_LIBRARY_OUTPUT_DIRECTORY={out_dir}",

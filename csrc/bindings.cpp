@@ -114,7 +114,7 @@ PYBIND11_MODULE(_C, m) {
       [](uintptr_t x, int x_dtype, uintptr_t qweight, uintptr_t scales, uintptr_t zeros,
          int scale_dtype, int bits, int group_size, int64_t M, int64_t N, int64_t K, int64_t Kp,
          uintptr_t lora_A, uintptr_t lora_B, int lora_dtype, int64_t rank, double scaling,
-         uintptr_t bias, uintptr_t y, uintptr_t workspace, uintptr_t stream) {
+         uintptr_t bias, uintptr_t y, uintptr_t workspace, uintptr_t stream, int device) {
         check_layout(bits, group_size, M, N, K, Kp);
         check_scale_dtype(scale_dtype);
         qra::cuda::LinearArgs a{ptr<const void>(x), x_dtype, ptr<const int32_t>(qweight),
@@ -122,7 +122,7 @@ PYBIND11_MODULE(_C, m) {
                                 scale_dtype, bits, group_size, M, N, K, Kp,
                                 ptr<const void>(lora_A), ptr<const void>(lora_B), lora_dtype,
                                 rank, (float)scaling, ptr<const float>(bias), ptr<void>(y),
-                                ptr<float>(workspace), ptr<void>(stream)};
+                                ptr<float>(workspace), ptr<void>(stream), device};
         const char* err;
         {
           py::gil_scoped_release release;
@@ -134,13 +134,13 @@ PYBIND11_MODULE(_C, m) {
       "cuda_backward_dx",
       [](uintptr_t grad_out, int dtype, uintptr_t qweight, uintptr_t scales, uintptr_t zeros,
          int scale_dtype, int bits, int group_size, int64_t M, int64_t N, int64_t Kp,
-         uintptr_t grad_x, uintptr_t stream) {
+         uintptr_t grad_x, uintptr_t stream, int device) {
         check_layout(bits, group_size, M, N, Kp, Kp);
         check_scale_dtype(scale_dtype);
         qra::cuda::BackwardArgs a{ptr<const void>(grad_out), dtype, ptr<const int32_t>(qweight),
                                   ptr<const uint16_t>(scales), ptr<const uint16_t>(zeros),
                                   scale_dtype, bits, group_size, M, N, Kp, ptr<float>(grad_x),
-                                  ptr<void>(stream)};
+                                  ptr<void>(stream), device};
         const char* err;
         {
           py::gil_scoped_release release;

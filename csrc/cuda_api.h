@@ -23,12 +23,13 @@ struct LinearArgs {
   float scaling;
   const float* bias;       // [N] fp32 or null
   void* y;                 // [M, N], x_dtype
-  float* workspace;        // fp32, workspace_floats(M, N, rank) elements
-  void* stream;            // cudaStream_t
+  float* workspace;        // fp32, forward_workspace_floats(M, N, rank) elements
+  void* stream;            // cudaStream_t (of `device`)
+  int device;              // CUDA device index of every pointer above
 };
 
-// fp32 scratch the forward needs: x·Aᵀ [M, r] and, for the decode path, the split-K
-// partial sums [M, N].
+// fp32 scratch the forward needs: x·Aᵀ [M, r], and for the decode path the split-K partial
+// sums [min(M, 16), N] and one arrival counter per 128 columns.
 int64_t forward_workspace_floats(int64_t M, int64_t N, int64_t rank);
 
 // Rows of x up to which the decode (GEMV) kernel is used; above it, the tensor-core kernel
@@ -47,11 +48,12 @@ struct BackwardArgs {
   int scale_dtype;
   int bits, group_size;
   int64_t M, N, Kp;
-  float* grad_x;           // [M, Kp] fp32, zeroed by the caller (planes accumulate into it)
-  void* stream;
+  float* grad_x;           // [M, Kp] fp32, every element written
+  void* stream;            // cudaStream_t (of `device`)
+  int device;
 };
 
-// grad_x += grad_out · dequant(W)  (the LoRA terms are small matmuls done by the caller).
+// grad_x = grad_out · dequant(W)  (the LoRA terms are small matmuls done by the caller).
 const char* linear_backward_dx(const BackwardArgs& a);
 
 // Visible devices, or a negative number when the CUDA runtime cannot be initialised.

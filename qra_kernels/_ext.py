@@ -104,3 +104,31 @@ def check_bias(bias, out_features: int, device) -> None:
         raise ValueError(f"bias must have shape [{out_features}], got {tuple(bias.shape)}")
     if bias.device != device:
         raise ValueError(f"bias is on {bias.device} but x is on {device}")
+
+
+def check_grad_out(grad_out, x, out_features: int) -> None:
+    k = x.shape[-1]
+    if grad_out.shape[-1] != out_features or grad_out.numel() // out_features != \
+            x.numel() // max(k, 1):
+        raise ValueError(f"grad_out must have shape [..., {out_features}] with as many rows "
+                         f"as x, got {tuple(grad_out.shape)}")
+    if grad_out.device != x.device:
+        raise ValueError(f"grad_out is on {grad_out.device} but x is on {x.device}")
+
+
+def lora_backward(g2: torch.Tensor, x2, lora_A, lora_B, scaling: float, rank: int):
+    """The small products of the backward that the compiled backends leave to torch (fp32):
+    returns (the LoRA term of grad_x or None, grad_A, grad_B); ``g2 [M, N]``, ``x2 [M, K]``
+    fp32 (``x2`` may be None when only the grad_x term is wanted)."""
+    if lora_A is None:
+        return None, None, None
+    if rank == 0:
+        return None, torch.zeros_like(lora_A), torch.zeros_like(lora_B)
+    a, b = lora_A.to(torch.float32), lora_B.to(torch.float32)
+    gb = g2 @ b  # [M, r]
+    gx_term = scaling * (gb @ a)
+    if x2 is None:
+        return gx_term, None, None
+    grad_A = (scaling * gb.t() @ x2).to(lora_A.dtype)
+    grad_B = (scaling * g2.t() @ (x2 @ a.t())).to(lora_B.dtype)
+    return gx_term, grad_A, grad_B

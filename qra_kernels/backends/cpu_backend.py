@@ -83,13 +83,12 @@ class CpuBackend(Backend):
         kp = _ext.check_packed(qweight, scales, zeros, bits, group_size, out_features, k,
                                x.device)
         rank = _ext.check_lora(lora_A, lora_B, out_features, k, x.device)
-        if grad_out.shape[-1] != out_features or grad_out.numel() // out_features != \
-                x.numel() // k:
-            raise ValueError(f"grad_out must have shape [..., {out_features}] with as many "
-                             f"rows as x, got {tuple(grad_out.shape)}")
+        _ext.check_grad_out(grad_out, x, out_features)
         g2 = grad_out.reshape(-1, out_features).to(torch.float32).contiguous()
         m = g2.shape[0]
-        grad_x = grad_A = grad_B = None
+        x2 = x.reshape(-1, k).to(torch.float32) if need_lora else None
+        gx_lora, grad_A, grad_B = _ext.lora_backward(g2, x2, lora_A, lora_B, scaling, rank)
+        grad_x = None
         if need_x:
             gx = torch.empty(m, kp, dtype=torch.float32)
             if m:
@@ -100,17 +99,11 @@ class CpuBackend(Backend):
                     _ext.DTYPE_CODES[scales.dtype], bits, group_size, m, out_features, kp,
                     _ext.data_ptr(gx), torch.get_num_threads())
             gx = gx[:, :k]
-            if rank:
-                gx = gx + scaling * ((g2 @ lora_B.to(torch.float32)) @ lora_A.to(torch.float32))
+            if gx_lora is not None:
+                gx = gx + gx_lora
             grad_x = gx.to(x.dtype).reshape(x.shape)
-        if need_lora and lora_A is not None:
-            if rank:
-                x2 = x.reshape(-1, k).to(torch.float32)
-                gb = g2 @ lora_B.to(torch.float32)  # [M, r]
-                grad_A = (scaling * gb.t() @ x2).to(lora_A.dtype)
-                grad_B = (scaling * g2.t() @ (x2 @ lora_A.to(torch.float32).t())).to(lora_B.dtype)
-            else:
-                grad_A, grad_B = torch.zeros_like(lora_A), torch.zeros_like(lora_B)
+        if not need_lora:
+            grad_A = grad_B = None
         return grad_x, grad_A, grad_B
 
 
