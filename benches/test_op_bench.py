@@ -49,7 +49,8 @@ def _cases():
     for impl in IMPLS:
         for bits in ((None,) if impl.float_weight else BITS):
             if impl.why_not(bits, DEVICE) is None:
-                yield pytest.param(impl, bits, id=f"{impl.name}-{'float' if bits is None else bits}b")
+                tag = "float" if bits is None else f"{bits}b"
+                yield pytest.param(impl, bits, id=f"{impl.name}-{tag}")
 
 
 @pytest.fixture(scope="session")

@@ -69,8 +69,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
                         help="seconds of timed passes per case")
     parser.add_argument("--max-copies", type=int, default=None,
                         help="cap on operand copies of the cache protocol")
-    parser.add_argument("--no-e2e", action="store_true",
-                        help="skip the end-to-end model measurements")
+    e2e = parser.add_mutually_exclusive_group()
+    e2e.add_argument("--e2e", dest="e2e", action="store_true", default=None,
+                     help="also run the end-to-end model measurements (default for the full "
+                          "suite; SmolLM2-135M on a CPU, a Llama-3-8B-shaped stack on a GPU)")
+    e2e.add_argument("--no-e2e", dest="e2e", action="store_false",
+                     help="skip them (default for --quick)")
     parser.add_argument("--threads", type=int, default=None,
                         help="torch CPU threads (default: torch's choice)")
     parser.add_argument("--no-png", action="store_true", help="write the JSON only")
@@ -143,7 +147,8 @@ def main_from_args(args: argparse.Namespace) -> int:
     bar.close()
     result["summary"] = report_mod.summarize(result["rows"])
 
-    if not args.no_e2e:
+    run_e2e = (not args.quick) if args.e2e is None else args.e2e
+    if run_e2e:
         result["end_to_end"] = _end_to_end(config, args.quick)
     result["wall_s"] = time.perf_counter() - t0
 
@@ -197,11 +202,17 @@ def _format_e2e(e2e: dict) -> str:
                 if "error" in r:
                     lines.append(f"  {v:<30}failed: {r['error']}")
                     continue
-                peak = r["train_step"]["peak_memory_rise_bytes"]
-                lines.append(f"  {v:<30}{r['decode']['decode_tokens_per_s']:>13.2f}"
-                             f"{r['train_step']['step_s']:>14.2f}"
-                             f"{'n/a' if peak is None else f'{peak / 2**20:.0f}':>15}"
-                             f"{r['stored_projection_bytes'] / 2**20:>10.1f}")
+                dec, step = r["decode"], r["train_step"]
+                peak = step.get("peak_memory_rise_bytes")
+                lines.append(
+                    f"  {v:<30}"
+                    f"{'failed' if 'error' in dec else format(dec['decode_tokens_per_s'], '.2f'):>13}"
+                    f"{'failed' if 'error' in step else format(step['step_s'], '.2f'):>14}"
+                    f"{'n/a' if peak is None else f'{peak / 2**20:.0f}':>15}"
+                    f"{r['stored_projection_bytes'] / 2**20:>10.1f}")
+                for phase in (dec, step):
+                    if "error" in phase:
+                        lines.append(f"    {phase['error']}")
         else:
             lines.append(f"{name}: {res}")
     return "\n".join(lines)
