@@ -92,8 +92,8 @@ def build_config(args: argparse.Namespace):
     cfg = with_overrides(
         base, device=device,
         models=tuple(args.models) if args.models else None,
-        layers=tuple(args.layers) if args.layers is not None else (
-            () if args.models and not args.quick else None),
+        # --models without --layers: every projection (QUICK's list is SmolLM2's).
+        layers=tuple(args.layers) if args.layers else (() if args.models else None),
         bits=tuple(args.bits) if args.bits else None,
         ranks=tuple(args.ranks) if args.ranks else None,
         ms=tuple(args.ms) if args.ms else None,
@@ -104,9 +104,16 @@ def build_config(args: argparse.Namespace):
         max_copies=args.max_copies,
         activation_dtype="bfloat16" if device == "cuda" else None,
     )
-    if args.models and args.quick and args.layers is None:
-        cfg = with_overrides(cfg, layers=())  # QUICK's layer list belongs to SmolLM2
     return cfg
+
+
+def _command_line() -> str:
+    """How this run was started, for the report: ``qra bench ...`` when the CLI ran it."""
+    argv = list(sys.argv)
+    if "bench" in argv[1:]:
+        rest = argv[argv.index("bench", 1) + 1:]
+        return " ".join(["qra bench", *map(shlex.quote, rest)])
+    return " ".join(shlex.quote(a) for a in argv)
 
 
 def _device_slug(report: dict) -> str:
@@ -135,11 +142,11 @@ def main_from_args(args: argparse.Namespace) -> int:
         print(f"qra bench: {e}", file=sys.stderr)
         return 2
 
-    command = "qra bench " + " ".join(shlex.quote(a) for a in getattr(args, "argv", []) or [])
+    command = getattr(args, "command", None) or _command_line()
     t0 = time.perf_counter()
     bar = _Progress()
     try:
-        result = run_suite(config, progress=bar.update, command=command.strip())
+        result = run_suite(config, progress=bar.update, command=command)
     except (ValueError, TypeError) as e:
         bar.close()
         print(f"qra bench: {e}", file=sys.stderr)
@@ -247,5 +254,5 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     add_arguments(parser)
     argv = list(sys.argv[1:] if argv is None else argv)
     args = parser.parse_args(argv)
-    args.argv = argv
+    args.command = " ".join(["python -m qra_kernels.bench", *map(shlex.quote, argv)])
     return main_from_args(args)

@@ -19,6 +19,7 @@ from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
 
+from ..backends import BackendUnavailableError
 from . import impls as impls_mod
 from . import machine, timing
 from .shapes import Shape, shapes_for
@@ -177,8 +178,11 @@ def run_suite(config: SuiteConfig, progress: Optional[ProgressFn] = None,
 
     backends = {}
     for impl in qra:
-        backends[impl.name.split(":", 1)[1]] = {"usable_here": impl.unavailable is None,
-                                                "unavailable_reason": impl.unavailable}
+        declined = sorted({(r["M"], r["reason"]) for r in rows
+                           if r["implementation"] == impl.name and r["status"] != "ok"})
+        backends[impl.name.split(":", 1)[1]] = {
+            "usable_here": impl.unavailable is None, "unavailable_reason": impl.unavailable,
+            "could_not_run": [{"M": m, "reason": why} for m, why in declined]}
     return {
         "schema": "qra-bench/1",
         "command": command,
@@ -224,6 +228,10 @@ def _measure(impl, base, x, n, lora, device, cache_bytes, bw_GBps, config) -> di
         t = timing.time_calls(prepared.call, states, device, bytes_read, cache_bytes,
                               min_time_s=config.min_time_s, max_rounds=config.max_rounds)
         del states
+    except BackendUnavailableError as e:
+        # A backend that declines this call (e.g. a decode kernel asked for large M) is a
+        # limit of that backend, not a failure.
+        return {"status": "cannot_run", "reason": impls_mod._one_line(e)}
     except Exception as e:  # noqa: BLE001 - a failing implementation is a result, not a crash
         return {"status": "error", "reason": impls_mod._one_line(e)}
     achieved = bytes_read / t.median_s / 1e9

@@ -22,7 +22,7 @@ FAST = ["--quick", "--models", "tiny", "--layers", "proj", "--bits", "2,4,8", "-
 def _parse(argv):
     parser = bench.add_arguments(argparse.ArgumentParser())
     args = parser.parse_args(argv)
-    args.argv = argv
+    args.command = "qra bench " + " ".join(argv)
     return args
 
 
@@ -96,6 +96,7 @@ def test_python_m_entry_point(tmp_path):
         report = json.load(f)
     assert {r["implementation"] for r in report["rows"]} == {"qra:reference",
                                                               "torch_dense_fp32"}
+    assert report["command"].startswith("python -m qra_kernels.bench --quick")
 
 
 @pytest.mark.slow

@@ -172,3 +172,18 @@ def test_copy_bandwidth_is_measured():
     limit = machine.copy_bandwidth(torch.device("cpu"), nbytes=16 << 20, repeats=2)
     assert limit["copy_bandwidth_GBps"] > 0.1
     assert limit["copy_bandwidth_GBps"] >= limit["median_copy_bandwidth_GBps"]
+
+
+@pytest.mark.gpu
+def test_gpu_suite_times_with_cuda_graphs_and_a_cold_l2():
+    cfg = runner.with_overrides(TINY, device="cuda", activation_dtype="bfloat16",
+                                max_copies=4096, max_pass_s=1.0, ranks=(0,), ms=(1,))
+    rep = runner.run_suite(cfg)
+    assert rep["machine"]["gpu"]["name"]
+    assert "CUDA graph" in rep["hardware_limit"]["method"]
+    qra_rows = [r for r in rep["rows"] if r["family"] == "qra" and r["status"] == "ok"]
+    assert qra_rows
+    for r in qra_rows:
+        assert r["timer"] == "cuda-graph", r
+        assert r["cold_cache"], r
+        assert r["peak_call_memory_bytes"] is not None
