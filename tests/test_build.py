@@ -18,7 +18,7 @@ HAS_NVCC = shutil.which("nvcc") is not None or os.path.exists("/usr/local/cuda/b
 def _build_wheel(tmp_path, **env):
     full_env = {**os.environ, "QRA_BUILD_DIR": str(tmp_path / "build"),
                 "CMAKE_BUILD_PARALLEL_LEVEL": "2", **env}
-    out = subprocess.run([sys.executable, "-m", "pip", "wheel", str(ROOT), "--no-deps",
+    out = subprocess.run([sys.executable, "-m", "pip", "wheel", "-v", str(ROOT), "--no-deps",
                           "--no-build-isolation", "-w", str(tmp_path / "dist")],
                          env=full_env, capture_output=True, text=True, timeout=900)
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
