@@ -10,14 +10,16 @@ copies of the helpers it calls.
 """
 from __future__ import annotations
 
+import contextlib
 import types
-from typing import Dict
+from typing import Dict, List, Optional
 
 import torch
 import triton.language as tl
 from triton.runtime.jit import JITFunction
 
-__all__ = ["jit", "launcher", "interpreted", "sum_axis", "mma", "ieee_dot"]
+__all__ = ["jit", "launcher", "interpreted", "sum_axis", "mma", "ieee_dot", "record_launches",
+           "Launch"]
 
 
 def jit(fn=None, **kwargs):
@@ -65,7 +67,8 @@ def mma(a, b, acc, IEEE: tl.constexpr):
 
 def ieee_dot(t: torch.Tensor) -> bool:
     """The ``IEEE`` flag of :func:`mma` for activations ``t``."""
-    return t.dtype == torch.float32 or (t.device.type == "cpu" and t.dtype == torch.bfloat16)
+    device_type = _recording_for or t.device.type
+    return t.dtype == torch.float32 or (device_type == "cpu" and t.dtype == torch.bfloat16)
 
 
 def interpreted(kernel: JITFunction):
@@ -91,8 +94,50 @@ def interpreted(kernel: JITFunction):
     return result
 
 
+class Launch:
+    """One recorded kernel launch: the kernel, its grid, arguments and launch options."""
+
+    def __init__(self, kernel: JITFunction, grid, args, kwargs):
+        self.kernel, self.grid, self.args, self.kwargs = kernel, grid, args, kwargs
+
+    def __repr__(self) -> str:
+        consts = {k: v for k, v in self.kwargs.items() if k not in ("num_warps", "num_stages")}
+        return f"Launch({self.kernel.fn.__name__}, grid={self.grid}, {consts})"
+
+
+class _Recorder:
+    def __init__(self, kernel: JITFunction, sink: List[Launch]):
+        self.kernel, self.sink = kernel, sink
+
+    def __getitem__(self, grid):
+        return lambda *args, **kwargs: self.sink.append(Launch(self.kernel, grid, args, kwargs))
+
+
+_recording: Optional[List[Launch]] = None
+_recording_for: Optional[str] = None
+
+
+@contextlib.contextmanager
+def record_launches(for_device: str = "cuda"):
+    """Within the block, kernel launches are recorded instead of run (outputs stay unset).
+
+    The launch wrappers then run on CPU tensors without computing anything, choosing
+    their variants as they would for ``for_device`` tensors; :mod:`.aot` uses this to
+    compile, for a GPU target, exactly what the wrappers would launch there.
+    """
+    global _recording, _recording_for
+    previous = _recording, _recording_for
+    _recording, _recording_for = [], for_device
+    try:
+        yield _recording
+    finally:
+        _recording, _recording_for = previous
+
+
 def launcher(kernel: JITFunction, device: torch.device):
     """The form of ``kernel`` that runs on ``device``: compiled for CUDA, interpreted on CPU."""
+    if _recording is not None:
+        return _Recorder(kernel, _recording)
     if device.type == "cuda":
         return kernel
     if device.type == "cpu":

@@ -1,0 +1,68 @@
+"""Every kernel variant compiles for sm_80 and sm_90 on this CPU-only machine.
+
+The variants are those the launch wrappers actually launch (recorded, not run: see
+qra_kernels/triton/aot.py) for every bit-width, activation dtype, group size, LoRA or not,
+decode (1 and 2-16 rows, split-K or not), GEMM and backward. CI compiles a covering subset
+(every kernel meets every value of each of its compile-time choices and every dtype) down
+to a cubin with Triton's bundled ptxas; ``python -m qra_kernels.triton.aot`` compiles the
+whole product (see the README for its time).
+"""
+import pytest
+import torch
+
+from qra_kernels.triton import aot
+
+TARGETS = {80: "sm_80", 90: "sm_90a"}
+
+
+@pytest.fixture(scope="module")
+def subset():
+    found = aot.variants()
+    chosen = aot.covering(found)
+    return found, chosen
+
+
+def test_the_subset_covers_every_choice(subset):
+    found, chosen = subset
+    names = {v.name for v in found}
+    assert names == {"gemv_kernel", "splitk_reduce_kernel", "gemm_kernel", "grad_input_kernel",
+                     "lora_down_kernel", "lora_grad_kernel"}
+    for name in ("gemv_kernel", "gemm_kernel", "grad_input_kernel"):
+        mine = [v for v in chosen if v.name == name]
+        assert {v.constexprs["BITS"] for v in mine} == {2, 3, 4, 8}, name
+        assert {v.constexprs["GROUP"] for v in mine} == {32, 64, 128}, name
+        assert {v.signature["x_ptr" if name != "grad_input_kernel" else "dy_ptr"]
+                for v in mine} == {"*fp16", "*bf16", "*fp32"}, name
+        assert {v.constexprs["HAS_LORA"] for v in mine} == {True, False}, name
+    gemv = [v for v in chosen if v.name == "gemv_kernel"]
+    assert {v.constexprs["SPLIT"] for v in gemv} == {True, False}
+    assert {v.constexprs["BLOCK_M"] for v in gemv if not v.constexprs["IEEE_DOT"]} == {1, 16}
+
+
+def test_rank_is_never_a_compile_time_value(subset):
+    found, _ = subset
+    for v in found:
+        assert "rank" not in v.constexprs, v
+        if "rank" in v.signature:
+            assert v.signature["rank"] == "i32"
+
+
+@pytest.mark.parametrize("capability", TARGETS)
+def test_compiles_for_gpu_target(subset, capability, tmp_path, monkeypatch):
+    # A fresh cache: compile here, not reuse an earlier run's binaries.
+    monkeypatch.setenv("TRITON_CACHE_DIR", str(tmp_path))
+    _, chosen = subset
+    failures, results = [], []
+    for v in chosen:
+        r = aot._summary(v, capability)
+        results.append(r)
+        if "error" in r:
+            failures.append(f"{r['variant']}: {r['error']}")
+    assert not failures, "\n".join(failures)
+    for r in results:
+        assert r["ptx_target"] == TARGETS[capability], r
+        assert r["ptx_entry"], r
+        assert r["cubin_bytes"] > 0, r
+        # The dequantize-in-the-main-loop kernels must still run on tensor cores.
+        if r["uses_tensor_cores_expected"]:
+            assert r["mma"], r
