@@ -56,13 +56,13 @@ def gemm_kernel(x_ptr, qw_ptr, scales_ptr, zeros_ptr, xa_ptr, b_ptr, bias_ptr, y
                     y_ptr, N, HAS_LORA, HAS_BIAS, BLOCK_M, BLOCK_R)
 
 
-def block_k_for(group_size: int, block_k: int) -> int:
-    """A BLOCK_K that divides the group (one scale row per tile) and is a multiple of 32."""
-    block_k = min(block_k, group_size)
-    if block_k < 32 or group_size % block_k:
-        raise ValueError(f"BLOCK_K must be a multiple of 32 dividing group_size={group_size}, "
-                         f"got {block_k}")
-    return block_k
+def block_k_for(group_size: int, block_k: int, span_groups: bool = False) -> int:
+    """The BLOCK_K a kernel uses: a multiple of 32 (whole words of every plane) that
+    divides the group (one scale row per tile) — or, with ``span_groups``, that may also
+    be a multiple of it (see :func:`.dequant.dequant_tile`)."""
+    if block_k < 32 or block_k & (block_k - 1):
+        raise ValueError(f"BLOCK_K must be a power of two >= 32, got {block_k}")
+    return block_k if span_groups else min(block_k, group_size)
 
 
 def gemm(x2, qweight, scales, zeros, bits, group_size, out_features, xa=None, lora_B=None,

@@ -95,7 +95,8 @@ def gemv(x2, qweight, scales, zeros, bits, group_size, out_features, xa=None, lo
     if m == 0:
         return y
     block_n = cfg["BLOCK_N"]
-    block_k = block_k_for(group_size, cfg["BLOCK_K"])
+    # Decode streams W: long K tiles (spanning groups) keep more bytes in flight.
+    block_k = block_k_for(group_size, cfg["BLOCK_K"], span_groups=True)
     if split_k is None:
         split_k = choose_split_k(n, k, block_n, block_k,
                                  num_programs_target(x2.device, cfg["programs_per_sm"]))

@@ -68,6 +68,17 @@ def test_split_k_is_exact_partition(make_case, check, split_k):
     check(make_case(8, 32, 2, 300, 19, 7, bias=True), {"split_k": split_k})
 
 
+@pytest.mark.parametrize("group_size", GROUPS)
+@pytest.mark.parametrize("bits", BITS)
+def test_decode_tiles_spanning_groups(make_case, check, bits, group_size):
+    # BLOCK_K 256 spans 8, 4 or 2 groups; K = 300 (Kp 320 or 384) ends mid-tile.
+    long_k = {"decode": {"BLOCK_N": 32, "BLOCK_K": 256, "num_warps": 4, "num_stages": 1,
+                         "programs_per_sm": 4}}
+    case = make_case(bits, group_size, 3, 300, 37, 7, bias=True)
+    check(case, dict(long_k, split_k=1))
+    check(case, dict(long_k, split_k=2))
+
+
 def test_no_lora_at_all(make_case, reference, assert_scaled):
     case = make_case(4, 64, 4, 128, 40, 0)
     y = qt.forward(case.x, *case.packed)
