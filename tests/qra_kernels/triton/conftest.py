@@ -29,11 +29,11 @@ class Case:
 
     def __init__(self, bits, group_size, m, k, n, rank, x_dtype=torch.bfloat16,
                  lora_dtype=torch.float32, scale_dtype=torch.float16, bias=False, lead=(),
-                 scaling=0.5, seed=0):
+                 scaling=0.5, seed=0, device="cpu"):
         g = torch.Generator().manual_seed(seed)
         kp = padded_in_features(k, group_size)
-        codes = torch.randint(0, 1 << bits, (n, kp), generator=g)
-        self.qweight = pack(codes, bits)
+        codes = torch.randint(0, 1 << bits, (n, kp), generator=g, dtype=torch.uint8)
+        self.qweight = pack(codes.to(device), bits)
         self.scales = (torch.rand(kp // group_size, n, generator=g) * 0.2 + 0.05).to(scale_dtype)
         self.zeros = (torch.rand(kp // group_size, n, generator=g) * ((1 << bits) - 1)).to(scale_dtype)
         self.x = torch.randn(*lead, m, k, generator=g).to(x_dtype)
@@ -42,6 +42,10 @@ class Case:
         self.bias = torch.randn(n, generator=g).to(x_dtype) if bias else None
         self.bits, self.group_size, self.n, self.k, self.scaling = bits, group_size, n, k, scaling
         self.grad_out = torch.randn(*lead, m, n, generator=g).to(x_dtype)
+        for name in ("scales", "zeros", "x", "lora_A", "lora_B", "bias", "grad_out"):
+            t = getattr(self, name)
+            if t is not None:
+                setattr(self, name, t.to(device))
 
     def weight(self):
         """The dense fp32 W [N, K] (format.dequantize, the reference's own)."""
