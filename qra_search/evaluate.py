@@ -82,6 +82,10 @@ class QuantCache:
                  max_rank: int = 64, method: str = "recommended",
                  cache_dir: Optional[str] = None, seed: int = 0):
         self.linears = dict(linears)
+        # Snapshot the float weights: the Evaluator overwrites the live ones, and an entry
+        # computed lazily later must still quantize the original.
+        self.float_w = {n: m.weight.detach().to("cpu", torch.float32, copy=True)
+                        for n, m in self.linears.items()}
         self.group_size, self.max_rank, self.method = group_size, max_rank, method
         self.cache_dir = os.path.join(cache_dir, "quant") if cache_dir else None
         self.seed = seed
@@ -92,7 +96,7 @@ class QuantCache:
 
     def weight_hash(self, name: str) -> str:
         if name not in self._hash:
-            w = self.linears[name].weight.detach().float().contiguous().cpu()
+            w = self.float_w[name].contiguous()
             h = hashlib.sha1(w.numpy().tobytes())
             h.update(str(tuple(w.shape)).encode())
             self._hash[name] = h.hexdigest()[:20]
@@ -133,7 +137,7 @@ class QuantCache:
         return out
 
     def _compute(self, name: str, bits: int) -> dict:
-        w = self.linears[name].weight.detach().float().cpu()
+        w = self.float_w[name]
         pad = w.shape[1] % self.group_size != 0
         qw = quantize_weight(w, bits, self.group_size, method_for(bits, self.method), pad=pad)
         err = w - qw.dequantize(torch.float32)
@@ -182,7 +186,7 @@ class Evaluator:
         self.calib = calib
         self.valid = valid if valid is not None else calib
         self.batch_size = batch_size
-        self.float_w = {n: m.weight.detach().clone() for n, m in self.linears.items()}
+        self.float_w = cache.float_w
         self._current: Dict[str, Tuple[int, int]] = {}
         self.n_forward = 0
         self._blocks = _decoder_blocks(model)

@@ -135,11 +135,18 @@ class GeneSpace:
             cfg[best[1]] = best[2]
         return cfg
 
-    def greedy(self, budget: Optional[Budget] = None) -> GroupConfig:
+    def greedy(self, budget: Optional[Budget] = None, min_rank: int = 0) -> GroupConfig:
         """From the cheapest allocation, repeatedly take the feasible change with the best
-        predicted quality gain per byte added, until none helps."""
+        predicted quality gain per byte added, until none helps. ``min_rank`` keeps every
+        group's adapter at least that large: the cheap fidelity sees what an adapter
+        recovers at initialisation, not what it can still learn (plasticity), so seeds with
+        a rank floor put the budget's bits where they matter while keeping that capacity."""
         budget = budget or self.budget
-        cfg = self.cheapest()
+        ranks = [r for r in self.ranks if r >= min_rank]
+        if not ranks:
+            raise ValueError(f"no rank choice >= {min_rank}")
+        options = [o for o in self.options if o[1] >= min_rank]
+        cfg = {g: (self.bits[0], ranks[0]) for g in self.names}
         if not self.feasible(cfg, budget):
             raise ValueError("no allocation fits the budget")
         while True:
@@ -147,7 +154,7 @@ class GeneSpace:
             mem, lat = self.memory(cfg), self.latency(cfg)
             for g in self.names:
                 cur = cfg[g]
-                for o in self.options:
+                for o in options:
                     gain = self._pred(g, cur) - self._pred(g, o)
                     extra = self._bytes[g][o] - self._bytes[g][cur]
                     if gain <= 0 or extra <= 0:

@@ -220,6 +220,15 @@ def run_search(model, calibration, budget_bits: Optional[float] = 4.0, *,
     baselines = [space.uniform(b, r) for b in space.bits
                  for r in sorted({space.ranks[0], default_rank} & set(space.ranks))]
     seeds = [space.greedy()]
+    # Plasticity seeds: the same greedy with every adapter at least default_rank (and twice
+    # that), so the costly fidelity sees allocations that keep training capacity.
+    plastic = []
+    for floor in sorted({default_rank, 2 * default_rank} & set(space.ranks) - {0}):
+        try:
+            plastic.append(space.greedy(min_rank=floor))
+        except ValueError:
+            pass
+    seeds += plastic
     for u in baselines:  # greedy at each baseline's memory: where the front is compared
         try:
             seeds.append(space.greedy(Budget(space.memory(u), None)))
@@ -246,6 +255,9 @@ def run_search(model, calibration, budget_bits: Optional[float] = 4.0, *,
     feasible = sorted((r for r in cheap_recs if space.feasible(_cfg(r))),
                       key=lambda r: (r["quality"], r["key"]))
     finalists = [_cfg(r) for r in feasible[:max(1, proxy_top)]]
+    for cfg in plastic:
+        if space.key(cfg) not in {space.key(c) for c in finalists}:
+            finalists.append(cfg)
     if budget_bits is not None and float(budget_bits).is_integer() and int(budget_bits) in space.bits:
         u = space.uniform(int(budget_bits), default_rank if default_rank in space.ranks else space.ranks[0])
         if space.feasible(u) and space.key(u) not in {space.key(c) for c in finalists}:

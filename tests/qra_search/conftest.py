@@ -8,13 +8,9 @@ def tiny_llama(seed: int = 0, layers: int = 2):
     torch.manual_seed(seed)
     cfg = LlamaConfig(vocab_size=256, hidden_size=64, intermediate_size=128,
                       num_hidden_layers=layers, num_attention_heads=4, num_key_value_heads=2,
-                      max_position_embeddings=128, tie_word_embeddings=True)
-    model = LlamaForCausalLM(cfg).eval()
-    # Random init is close to uniform output; sharpen it so quantization visibly matters.
-    with torch.no_grad():
-        for p in model.parameters():
-            p.mul_(3.0)
-    return model
+                      max_position_embeddings=128, tie_word_embeddings=True,
+                      initializer_range=0.05)  # sharper than the default: quantization shows
+    return LlamaForCausalLM(cfg).eval()
 
 
 def tiny_tokenizer():
@@ -48,3 +44,14 @@ def _one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(n)
+
+
+@pytest.fixture
+def make_model():
+    """The tiny-model factory (test modules cannot import conftest in importlib mode)."""
+    return tiny_llama
+
+
+@pytest.fixture
+def make_tokenizer():
+    return tiny_tokenizer

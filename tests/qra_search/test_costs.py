@@ -1,0 +1,64 @@
+import json
+
+import pytest
+
+from qra_search import Allocation
+from qra_search.allocation import linear_shapes
+from qra_search.costs import CostModel, LatencyTable, measure_latency_table
+
+
+def test_memory_matches_qralinear_and_allocation_exactly(model):
+    from qra_kernels.modules import qra_layers, quantize_model
+    shapes = linear_shapes(model)
+    names = sorted(shapes)
+    layers = {n: {"bits": (2, 3, 4, 8)[i % 4], "rank": (0, 4, 16)[i % 3], "shape": list(shapes[n])}
+              for i, n in enumerate(names)}
+    alloc = Allocation(layers=layers, group_size=64)
+    costs = CostModel(shapes, 64)
+    cfg = {n: (s["bits"], s["rank"]) for n, s in layers.items()}
+    quantize_model(model, alloc, method="rtn")
+    measured = sum(m.memory_bytes() for m in qra_layers(model).values())
+    assert costs.memory_bytes(cfg) == alloc.memory_bytes == measured
+
+
+def test_uniform_budget_and_its_inverse(model):
+    shapes = linear_shapes(model)
+    costs = CostModel(shapes, 64)
+    for bits in (2, 3, 4, 8):
+        for rank in (0, 16):
+            cfg = {n: (bits, rank) for n in shapes}
+            assert costs.uniform_bytes(bits, rank) == costs.memory_bytes(cfg)
+            assert costs.bits_for_bytes(costs.memory_bytes(cfg), rank) == pytest.approx(bits)
+    assert costs.uniform_bytes(3, 0) < costs.uniform_bytes(3.25, 0) < costs.uniform_bytes(4, 0)
+
+
+def test_training_memory_adds_grads_and_adam_state(model):
+    shapes = linear_shapes(model)
+    n, (o, i) = next(iter(shapes.items()))
+    plain, train = CostModel(shapes, 64), CostModel(shapes, 64, training=True)
+    assert train.layer_bytes(n, 4, 0) == plain.layer_bytes(n, 4, 0)
+    assert train.layer_bytes(n, 4, 8) - plain.layer_bytes(n, 4, 8) == 3 * 8 * (o + i) * 4
+
+
+def test_latency_table_lookup_interpolates_and_round_trips(tmp_path):
+    t = LatencyTable("testdev", [{"n": 8, "k": 64, "bits": 4, "rank": 0, "m": 1, "us": 10.0},
+                                 {"n": 8, "k": 64, "bits": 4, "rank": 16, "m": 1, "us": 18.0}])
+    assert t.lookup(8, 64, 4, 8, 1) == pytest.approx(14.0)
+    assert t.lookup(8, 64, 4, 32, 1) == pytest.approx(26.0)  # extrapolated from the last two
+    with pytest.raises(ValueError, match="no timing"):
+        t.lookup(8, 64, 3, 0, 1)
+    p = tmp_path / "lat.json"
+    t.save(str(p))
+    assert LatencyTable.load(str(p)).entries == t.entries
+    p.write_text("{not json")
+    with pytest.raises(ValueError, match="not a latency table"):
+        LatencyTable.load(str(p))
+    with pytest.raises(ValueError, match="no latency table"):
+        LatencyTable.load("no-such-device")
+
+
+def test_measured_latency_table_is_positive_and_usable():
+    t = measure_latency_table([(16, 64)], bits=[2, 4], ranks=[0, 8], m=1, repeats=3)
+    assert len(t.entries) == 4 and all(e["us"] > 0 for e in t.entries)
+    costs = CostModel({"a": (16, 64)}, 64, latency=t, latency_m=1)
+    assert costs.latency_us({"a": (4, 8)}) == pytest.approx(t.lookup(16, 64, 4, 8, 1))

@@ -1,0 +1,112 @@
+"""run_search end to end on a tiny model: budgets, archive resume, reproducibility."""
+import json
+
+import pytest
+import torch
+
+from qra_search import Allocation, run_search
+from qra_search.archive import Archive, pareto_front
+
+
+KW = dict(rank_choices=(0, 4, 8), default_rank=4, method="rtn", evaluations=8, popsize=4,
+          refine_steps=2, proxy_top=1, proxy_steps=2, progress=False)
+
+
+def test_pareto_front_indices():
+    pts = [[1, 5], [2, 2], [3, 3], [5, 1], [2, 2]]
+    assert pareto_front(pts) == [0, 1, 3]
+
+
+def test_search_result_respects_budget_and_contract(model, tokens, tmp_path, make_model):
+    r = run_search(model, tokens, 3.5, cache_dir=str(tmp_path), archive=str(tmp_path / "a.jsonl"), **KW)
+    assert isinstance(r.best, Allocation)
+    assert r.best.memory_bytes <= r.budget["memory_bytes"]
+    assert r.best.objectives["within_budget"]
+    mems = [o["memory_bytes"] for _, o in r.pareto]
+    quals = [o["quality"] for _, o in r.pareto]
+    assert mems == sorted(mems) and quals == sorted(quals, reverse=True)  # a real front
+    for a, o in r.pareto:
+        assert a.memory_bytes == o["memory_bytes"]
+    assert set(r.timings) >= {"quantize", "sensitivity", "exploration", "refinement", "proxy"}
+    # the model is left with its float weights
+    fresh = make_model()
+    for (n, p), (_, q) in zip(model.named_parameters(), fresh.named_parameters()):
+        assert torch.equal(p, q), n
+    r.best.save(str(tmp_path / "alloc.json"))
+    assert Allocation.load(str(tmp_path / "alloc.json")).layers == r.best.layers
+
+
+def test_infeasible_budget_names_the_smallest_feasible(model, tokens):
+    with pytest.raises(ValueError, match=r"smallest feasible budget is --budget-bits (\d+\.\d+)") as e:
+        run_search(model, tokens, 1.0, **{**KW, "default_rank": 0})
+    import re
+    need = float(re.search(r"--budget-bits (\d+\.\d+)", str(e.value)).group(1))
+    run_search(model, tokens, need, **{**KW, "default_rank": 0, "evaluations": 4,
+                                       "refine_steps": 0})  # it fits
+    with pytest.raises(ValueError, match="--budget-mb"):
+        run_search(model, tokens, None, budget_mb=0.001, **KW)
+    with pytest.raises(ValueError, match="bits choice 5"):
+        run_search(model, tokens, 4.0, bits_choices=(4, 5))
+    with pytest.raises(ValueError, match="rank choice -1"):
+        run_search(model, tokens, 4.0, rank_choices=(0, -1))
+    with pytest.raises(ValueError, match="budget_bits"):
+        run_search(model, tokens, float("nan"))
+
+
+def test_reproducible_from_seed(tokens, tmp_path, make_model):
+    tiny_llama = make_model
+    a = run_search(tiny_llama(), tokens, 3.5, seed=3, cache_dir=str(tmp_path), **KW)
+    b = run_search(tiny_llama(), tokens, 3.5, seed=3, cache_dir=str(tmp_path), **KW)
+    assert a.best.layers == b.best.layers
+    assert [(x.layers, o) for x, o in a.pareto] == [(x.layers, o) for x, o in b.pareto]
+
+
+def test_resume_after_interruption_reevaluates_nothing(tokens, tmp_path, make_model):
+    tiny_llama = make_model
+    arch = tmp_path / "run.jsonl"
+    full = run_search(tiny_llama(), tokens, 3.5, seed=1, cache_dir=str(tmp_path),
+                      archive=str(tmp_path / "full.jsonl"), **KW)
+    # Interrupt a search after 9 evaluations (the Evaluator raises as a kill would) ...
+    from qra_search import evaluate
+    orig, calls = evaluate.Evaluator.kl, {"n": 0}
+
+    def killed(self, cfg):
+        calls["n"] += 1
+        if calls["n"] > 9:  # the sensitivity profile is cached in tmp_path by the full run
+            raise KeyboardInterrupt
+        return orig(self, cfg)
+    evaluate.Evaluator.kl = killed
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            run_search(tiny_llama(), tokens, 3.5, seed=1, cache_dir=str(tmp_path),
+                       archive=str(arch), **KW)
+    finally:
+        evaluate.Evaluator.kl = orig
+    lines = arch.read_text().splitlines()
+    assert len(lines) == 1 + 9
+    with open(arch, "a") as f:
+        f.write('{"key": "torn')  # a write cut by the kill
+    with pytest.raises(ValueError, match="--resume"):
+        run_search(tiny_llama(), tokens, 3.5, seed=1, archive=str(arch), **KW)
+    resumed = run_search(tiny_llama(), tokens, 3.5, seed=1, cache_dir=str(tmp_path),
+                         archive=str(arch), resume=True, **KW)
+    assert resumed.evaluations["reused"] >= 9
+    assert resumed.evaluations["cheap"] == full.evaluations["cheap"] - 9
+    assert resumed.best.layers == full.best.layers
+    assert [o for _, o in resumed.pareto] == [o for _, o in full.pareto]
+    with pytest.raises(ValueError, match="different search"):
+        run_search(tiny_llama(), tokens, 3.0, seed=1, archive=str(arch), resume=True, **KW)
+
+
+def test_latency_budget(model, tokens):
+    from qra_search.costs import LatencyTable
+    from qra_search.allocation import linear_shapes
+    entries = [{"n": n, "k": k, "bits": b, "rank": r, "m": 1, "us": b * 1.0 + r * 0.1}
+               for n, k in set(linear_shapes(model).values()) for b in (2, 3, 4, 8)
+               for r in (0, 4, 8)]
+    table = LatencyTable("fake", entries)
+    r = run_search(model, tokens, None, budget_latency_us=14 * 3.5, latency_table=table,
+                   **{**KW, "evaluations": 4, "refine_steps": 1})
+    assert r.best.objectives["latency_us"] <= 14 * 3.5
+    with pytest.raises(ValueError, match="smallest feasible budget is --budget-latency-us 28"):
+        run_search(model, tokens, None, budget_latency_us=10, latency_table=table, **KW)
