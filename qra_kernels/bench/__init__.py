@@ -142,7 +142,7 @@ def main_from_args(args: argparse.Namespace) -> int:
         print(f"qra bench: {e}", file=sys.stderr)
         return 2
 
-    command = getattr(args, "command", None) or _command_line()
+    command = getattr(args, "bench_command_line", None) or _command_line()
     t0 = time.perf_counter()
     bar = _Progress()
     try:
@@ -254,5 +254,5 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     add_arguments(parser)
     argv = list(sys.argv[1:] if argv is None else argv)
     args = parser.parse_args(argv)
-    args.command = " ".join(["python -m qra_kernels.bench", *map(shlex.quote, argv)])
+    args.bench_command_line = " ".join(["python -m qra_kernels.bench", *map(shlex.quote, argv)])
     return main_from_args(args)

@@ -125,7 +125,13 @@ def write_png(report: dict, path: str) -> None:
     import matplotlib.pyplot as plt
 
     ok = _ok(report["rows"])
-    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(14, 5.5))
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(15, 6))
+    # Colour says which implementation, line style which bit-width (left) or which qra
+    # backend (right): with a dozen lines a colour cycle alone repeats.
+    names = sorted({r["implementation"] for r in ok})
+    palette = plt.get_cmap("tab20").colors
+    colour = {n: palette[i % len(palette)] for i, n in enumerate(names)}
+    bit_style = {2: "-", 3: "--", 4: "-.", 8: ":", None: "-"}
     lines: Dict[Tuple[str, object], Dict[int, List[float]]] = defaultdict(lambda: defaultdict(list))
     for r in ok:
         if r["rank"] == 0:
@@ -133,31 +139,33 @@ def write_png(report: dict, path: str) -> None:
     for (impl, bits), by_m in sorted(lines.items(), key=lambda kv: (kv[0][0], kv[0][1] or 99)):
         ms = sorted(by_m)
         label = f"{impl} {'float' if bits is None else f'{bits}-bit'}"
-        style = "-" if impl.startswith("qra:") else "--"
-        ax1.plot(ms, [_geomean(by_m[m]) for m in ms], style, marker="o", markersize=3,
-                 label=label)
+        ax1.plot(ms, [_geomean(by_m[m]) for m in ms], bit_style.get(bits, "-"),
+                 color=colour[impl], marker="o" if impl.startswith("qra:") else "s",
+                 markersize=3, linewidth=2.2 if impl.startswith("qra:") else 1.2, label=label)
     ax1.set_xscale("log", base=2)
     ax1.set_yscale("log")
     ax1.set_xlabel("M (rows of x)")
     ax1.set_ylabel("bytes read / time ÷ copy bandwidth")
-    ax1.set_title("Fraction of measured copy bandwidth (rank 0)")
+    ax1.set_title("Fraction of measured copy bandwidth (rank 0; style = bits)")
     ax1.legend(fontsize=6, ncol=2)
     ax1.grid(True, which="both", alpha=0.3)
 
     per: Dict[Tuple[str, str], Dict[int, List[float]]] = defaultdict(lambda: defaultdict(list))
     for s in speedups(report["rows"]):
         per[(s["qra"], s["peer"])][s["M"]].append(s["speedup"])
+    backend_style = {}
     for (q, p), by_m in sorted(per.items()):
+        style = backend_style.setdefault(q, ["-", "--", "-.", ":"][len(backend_style) % 4])
         ms = sorted(by_m)
-        ax2.plot(ms, [_geomean(by_m[m]) for m in ms], marker="o", markersize=3,
-                 label=f"{q} vs {p}")
+        ax2.plot(ms, [_geomean(by_m[m]) for m in ms], style, color=colour.get(p, "k"),
+                 marker="o", markersize=3, label=f"{q} vs {p}")
     ax2.axhline(1.0, color="k", linestyle=":", linewidth=1)
     ax2.set_xscale("log", base=2)
     ax2.set_yscale("log")
     ax2.set_xlabel("M (rows of x)")
     ax2.set_ylabel("peer time / qra time  (> 1: qra faster)")
-    ax2.set_title("Speed-up over each peer")
-    ax2.legend(fontsize=6)
+    ax2.set_title("Speed-up over each peer (colour = peer, style = qra backend)")
+    ax2.legend(fontsize=6, ncol=2)
     ax2.grid(True, which="both", alpha=0.3)
 
     m = report["machine"]

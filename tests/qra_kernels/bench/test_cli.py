@@ -22,7 +22,7 @@ FAST = ["--quick", "--models", "tiny", "--layers", "proj", "--bits", "2,4,8", "-
 def _parse(argv):
     parser = bench.add_arguments(argparse.ArgumentParser())
     args = parser.parse_args(argv)
-    args.command = "qra bench " + " ".join(argv)
+    args.bench_command_line = "qra bench " + " ".join(argv)
     return args
 
 
@@ -113,3 +113,20 @@ def test_quick_suite_as_ci_runs_it(tmp_path):
     assert {r["model"] for r in report["rows"]} == {"SmolLM2-135M"}
     assert all(r["status"] == "ok" for r in report["rows"]), [
         r for r in report["rows"] if r["status"] != "ok"][:3]
+
+
+def test_qra_bench_command(tmp_path, monkeypatch):
+    """``qra bench`` (the CLI's subcommand) reaches main_from_args with these options."""
+    cli = pytest.importorskip("qra_search.cli")
+    argv = ["bench", *FAST, "--implementations", "qra:reference", "--out", str(tmp_path),
+            "--name", "cli"]
+    monkeypatch.setattr(sys, "argv", ["qra", *argv])
+    threads = torch.get_num_threads()
+    try:
+        assert cli.main(argv) == 0
+    finally:
+        torch.set_num_threads(threads)
+    with open(tmp_path / "cli.json") as f:
+        report = json.load(f)
+    assert report["command"].startswith("qra bench --quick --models tiny")
+    assert {r["implementation"] for r in report["rows"]} == {"qra:reference"}
