@@ -26,6 +26,10 @@
 #include <stdint.h>
 #include <string.h>
 
+#if defined(QRA_CPU_BF16DOT)
+#include <immintrin.h>
+#endif
+
 #include "../dequant.cuh"
 #include "linear_cpu.h"
 
@@ -52,6 +56,14 @@ struct Buffer {
   Buffer& operator=(const Buffer&) = delete;
 };
 
+struct WordBuffer {
+  uint32_t* p;
+  explicit WordBuffer(int64_t n) : p(new uint32_t[n > 0 ? n : 1]()) {}
+  ~WordBuffer() { delete[] p; }
+  WordBuffer(const WordBuffer&) = delete;
+  WordBuffer& operator=(const WordBuffer&) = delete;
+};
+
 template <class Fn>
 static void run_parallel(int64_t n, int threads, Fn& fn) {
   parallel_for(n, threads, [](void* ctx, int64_t b, int64_t e) { (*static_cast<Fn*>(ctx))(b, e); },
@@ -66,6 +78,8 @@ typedef uint32_t u32xL __attribute__((vector_size(4 * QRA_CPU_LANES)));
 typedef int32_t i32xL __attribute__((vector_size(4 * QRA_CPU_LANES)));
 typedef float f32xL __attribute__((vector_size(4 * QRA_CPU_LANES)));
 typedef uint16_t u16xL __attribute__((vector_size(2 * QRA_CPU_LANES)));
+
+typedef f32xL F32V;
 
 // QRA_CPU_LANES adjacent columns at once.
 struct LanesV {
@@ -148,63 +162,163 @@ static inline void plane_dot(const int32_t* plane, int64_t N, int64_t n0, int64_
   }
 }
 
-// Rows of x [MT] x columns [NV vectors of V::L] of y, over the whole reduction. xs holds
+// One group g of the reduction for rows [m0, m0+MT) of x and columns [n0, n0 + NV·L) of y:
+// y += s · (sum_k x_k q_k - z · sum_k x_k), y being the fp32 output (zeroed first). xs holds
 // the pre-scaled x of each plane: plane p at xs + p * M * Kp.
 template <int B, int MT, int NV, class V>
-static void forward_block(const ForwardArgs& a, const float* xs, const float* xsum,
-                          const float* xa, int64_t n0, int64_t m0) {
+static void group_block(const ForwardArgs& a, const float* xs, const float* xsum, int64_t g,
+                        int64_t n0, int64_t m0) {
   using F = typename V::F;
   constexpr int L = V::L;
   const int64_t N = a.N, Kp = a.Kp, G = Kp / a.group_size, M = a.M;
   const int gs = a.group_size;
-  F out[MT][NV];
+  F acc[MT][NV];
   for (int i = 0; i < MT; ++i)
-    for (int v = 0; v < NV; ++v) out[i][v] = V::splat(0.f);
-
-  for (int64_t g = 0; g < G; ++g) {
-    F acc[MT][NV];
-    for (int i = 0; i < MT; ++i)
-      for (int v = 0; v < NV; ++v) acc[i][v] = V::splat(0.f);
-    const int64_t k0 = g * gs;
-    for (int p = 0; p < Bits<B>::kPlanes; ++p) {
-      const int32_t* plane = a.qweight + plane_row0<B>(p, Kp) * N;
-      const float* xp = xs + (p * M + m0) * Kp;
-      if (p == 0) {
-        constexpr int W = Bits<B>::kWidth[0], PW = 32 / W;
-        plane_dot<W, MT, NV, V>(plane, N, n0, k0 / PW, (k0 + gs) / PW, xp, Kp, acc);
-      } else {  // the 1-bit high plane of 3-bit
-        plane_dot<1, MT, NV, V>(plane, N, n0, k0 / 32, (k0 + gs) / 32, xp, Kp, acc);
-      }
-    }
-    for (int v = 0; v < NV; ++v) {
-      const F s = V::load_half(a.scales + g * N + n0 + v * L, a.scale_dtype);
-      const F z = V::load_half(a.zeros + g * N + n0 + v * L, a.scale_dtype);
-      for (int i = 0; i < MT; ++i) {
-        const F xs = V::splat(xsum[(m0 + i) * G + g]);
-        out[i][v] += s * (acc[i][v] - z * xs);
-      }
+    for (int v = 0; v < NV; ++v) acc[i][v] = V::splat(0.f);
+  const int64_t k0 = g * gs;
+  for (int p = 0; p < Bits<B>::kPlanes; ++p) {
+    const int32_t* plane = a.qweight + plane_row0<B>(p, Kp) * N;
+    const float* xp = xs + (p * M + m0) * Kp;
+    if (p == 0) {
+      constexpr int W = Bits<B>::kWidth[0], PW = 32 / W;
+      plane_dot<W, MT, NV, V>(plane, N, n0, k0 / PW, (k0 + gs) / PW, xp, Kp, acc);
+    } else {  // the 1-bit high plane of 3-bit
+      plane_dot<1, MT, NV, V>(plane, N, n0, k0 / 32, (k0 + gs) / 32, xp, Kp, acc);
     }
   }
-
-  // Epilogue: LoRA (xa = x·Aᵀ was computed once per call) and bias, then one store.
-  for (int i = 0; i < MT; ++i) {
-    float tmp[NV * L];
-    for (int v = 0; v < NV; ++v) V::store(tmp + v * L, out[i][v]);
-    for (int c = 0; c < NV * L; ++c) {
-      const int64_t n = n0 + c;
-      float val = tmp[c];
-      if (a.rank > 0) {
-        const float* b = a.lora_B + n * a.rank;
-        const float* u = xa + (m0 + i) * a.rank;
-        float d = 0.f;
-        for (int64_t r = 0; r < a.rank; ++r) d += u[r] * b[r];
-        val += a.scaling * d;
-      }
-      if (a.bias) val += a.bias[n];
-      a.y[(m0 + i) * N + n] = val;
+  for (int v = 0; v < NV; ++v) {
+    const F s = V::load_half(a.scales + g * N + n0 + v * L, a.scale_dtype);
+    const F z = V::load_half(a.zeros + g * N + n0 + v * L, a.scale_dtype);
+    for (int i = 0; i < MT; ++i) {
+      float* yp = a.y + (m0 + i) * N + n0 + v * L;
+      V::store(yp, V::load(yp) + s * (acc[i][v] - z * V::splat(xsum[(m0 + i) * G + g])));
     }
   }
 }
+
+#if defined(QRA_CPU_BF16DOT)
+// ---- the AVX-512 BF16 path (2-, 3- and 4-bit) ---------------------------------------------
+// vdpbf16ps multiplies pairs of bf16 and adds both products to an fp32 lane: 32 products
+// per instruction, against 16 FMAs for the fp32 path. The codes become bf16 almost for
+// free: one shift moves a pair of W-bit codes (k and k + PW/2 of a column, in the two
+// 16-bit halves of the lane) to the top W bits of a bf16 mantissa, and one vpternlogd
+// masks them and ORs in the pattern of 1.0 (0x3F80), giving exactly 1 + c·2^-W. With x
+// pre-scaled by 2^W (exact), sum x'·(1 + c·2^-W) = sum x' + sum x·c, and sum x' is folded
+// out with the zero point. Putting the code at the top of the mantissa keeps that constant
+// part comparable to the code part (2^W vs c), so the fp32 accumulation loses a bit or
+// two, not the five of the usual "128 + c" encoding.
+// Products of bf16 are exact in fp32, so bf16 activations give the fp32 path's numbers up
+// to summation order. An x that is not exactly bf16 would need a hi + lo split (two dot
+// products); measured, that was no faster than the fp32 path, so such calls take the fp32
+// path (the split is kept general here, has_lo, but forward_bits routes around it).
+struct XPairs {
+  uint32_t* hi;  // per plane: [M][Kp / 2] pairs of bf16 x (plane multiplier included)
+  uint32_t* lo;
+  float* sum;    // [M][G]: sum over the group and planes of (hi + lo), the constant fold
+  bool has_lo;
+};
+
+static inline uint16_t bf16_round(float f) {
+  uint32_t u;
+  memcpy(&u, &f, 4);
+  u += 0x7FFFu + ((u >> 16) & 1u);  // round to nearest even (values are finite)
+  return (uint16_t)(u >> 16);
+}
+
+static inline float bf16_value(uint16_t h) { return bf16_bits_to_float<uint32_t, float>(h); }
+
+// Pairs for one plane of width W: pair slot j of word row r holds k = r·PW + j and
+// k + PW/2, matching the code pairs of plane_dot_bf16; x is scaled by 2^W·mult.
+template <int W>
+static void make_pairs(const ForwardArgs& a, float mult, uint32_t* hi, uint32_t* lo,
+                       float* sum, bool* has_lo) {
+  constexpr int PW = 32 / W, P2 = PW / 2;
+  const int64_t Kp = a.Kp, G = Kp / a.group_size, gs = a.group_size;
+  for (int64_t m = 0; m < a.M; ++m)
+    for (int64_t r = 0; r < Kp / PW; ++r)
+      for (int j = 0; j < P2; ++j) {
+        uint16_t h[2], l[2];
+        for (int e = 0; e < 2; ++e) {
+          const int64_t k = r * PW + j + e * P2;
+          const float v = a.x[m * Kp + k] * mult * (float)(1 << W);
+          h[e] = bf16_round(v);
+          l[e] = bf16_round(v - bf16_value(h[e]));
+          if (l[e]) *has_lo = true;
+          sum[m * G + k / gs] += bf16_value(h[e]) + bf16_value(l[e]);
+        }
+        const int64_t i = (m * (Kp / PW) + r) * P2 + j;
+        hi[i] = (uint32_t)h[0] | ((uint32_t)h[1] << 16);
+        lo[i] = (uint32_t)l[0] | ((uint32_t)l[1] << 16);
+      }
+}
+
+template <int W, int MT, int NV>
+static inline void plane_dot_bf16(const int32_t* plane, int64_t N, int64_t n0, int64_t r0,
+                                  int64_t r1, const uint32_t* xh, const uint32_t* xl,
+                                  int64_t ldp, bool has_lo, __m512 (&acc)[MT][NV]) {
+  constexpr int PW = 32 / W, P2 = PW / 2;
+  const __m512i one = _mm512_set1_epi32(0x3F803F80);  // bf16 1.0 in both halves
+  // The top W bits of a bf16 mantissa (bits 7-W .. 6) in both halves.
+  const __m512i pair_mask = _mm512_set1_epi32((int)((((1u << W) - 1u) << (7 - W)) * 0x00010001u));
+  for (int64_t r = r0; r < r1; ++r) {
+    __m512i w[NV];
+    for (int v = 0; v < NV; ++v)
+      w[v] = _mm512_loadu_si512((const void*)(plane + r * N + n0 + v * 16));
+#pragma GCC unroll 16
+    for (int j = 0; j < P2; ++j) {
+      // Codes j and j + P2 sit at bits W·j and 16 + W·j; move both to bit 7 - W.
+      const int shift = W * j - (7 - W);
+      __m512bh c[NV];
+      for (int v = 0; v < NV; ++v) {
+        const __m512i t = shift >= 0 ? _mm512_srli_epi32(w[v], (unsigned)shift)
+                                     : _mm512_slli_epi32(w[v], (unsigned)-shift);
+        // (t & mask) | one in one vpternlogd: truth table (a & b) | c = 0xEA.
+        c[v] = (__m512bh)_mm512_ternarylogic_epi32(t, pair_mask, one, 0xEA);
+      }
+      for (int i = 0; i < MT; ++i) {
+        const __m512bh xv = (__m512bh)_mm512_set1_epi32((int)xh[i * ldp + r * P2 + j]);
+        for (int v = 0; v < NV; ++v) acc[i][v] = _mm512_dpbf16_ps(acc[i][v], c[v], xv);
+        if (has_lo) {
+          const __m512bh xl_v = (__m512bh)_mm512_set1_epi32((int)xl[i * ldp + r * P2 + j]);
+          for (int v = 0; v < NV; ++v) acc[i][v] = _mm512_dpbf16_ps(acc[i][v], c[v], xl_v);
+        }
+      }
+    }
+  }
+}
+
+template <int B, int MT, int NV>
+static void group_block_bf16(const ForwardArgs& a, const XPairs& xp, const float* xsum,
+                             int64_t g, int64_t n0, int64_t m0) {
+  const int64_t N = a.N, Kp = a.Kp, G = Kp / a.group_size;
+  const int gs = a.group_size;
+  __m512 acc[MT][NV];
+  for (int i = 0; i < MT; ++i)
+    for (int v = 0; v < NV; ++v) acc[i][v] = _mm512_setzero_ps();
+  const int64_t k0 = g * gs;
+  {
+    constexpr int W = Bits<B>::kWidth[0], PW = 32 / W;
+    const int64_t ldp = Kp / 2;  // pairs per row of x
+    plane_dot_bf16<W, MT, NV>(a.qweight, N, n0, k0 / PW, (k0 + gs) / PW, xp.hi + m0 * ldp,
+                              xp.lo + m0 * ldp, ldp, xp.has_lo, acc);
+    if constexpr (B == 3) {
+      const int64_t off = a.M * ldp;  // the second plane's pairs
+      plane_dot_bf16<1, MT, NV>(a.qweight + plane_row0<3>(1, Kp) * N, N, n0, k0 / 32,
+                                (k0 + gs) / 32, xp.hi + off + m0 * ldp, xp.lo + off + m0 * ldp,
+                                ldp, xp.has_lo, acc);
+    }
+  }
+  for (int v = 0; v < NV; ++v) {
+    const F32V s = LanesV::load_half(a.scales + g * N + n0 + v * 16, a.scale_dtype);
+    const F32V z = LanesV::load_half(a.zeros + g * N + n0 + v * 16, a.scale_dtype);
+    for (int i = 0; i < MT; ++i) {
+      float* yp = a.y + (m0 + i) * N + n0 + v * 16;
+      const F32V q = (F32V)acc[i][v] - LanesV::splat(xp.sum[(m0 + i) * G + g]);
+      LanesV::store(yp, LanesV::load(yp) + s * (q - z * LanesV::splat(xsum[(m0 + i) * G + g])));
+    }
+  }
+}
+#endif  // QRA_CPU_BF16DOT
 
 template <int B>
 static void forward_bits(const ForwardArgs& a, int threads) {
@@ -233,6 +347,21 @@ static void forward_bits(const ForwardArgs& a, int threads) {
       xa[m * a.rank + r] = s;
     }
 
+#if defined(QRA_CPU_BF16DOT)
+  // 8-bit codes do not fit a bf16 mantissa, and the bf16 path pays off only when x is
+  // exactly bf16 (bf16 activations): for fp32 x the hi + lo split doubles the dot products
+  // and the fp32 FMA path was as fast or faster (and exact), so it is taken instead.
+  constexpr bool kBf16Dot = B != 8;
+  const int64_t pair_count = Bits<B>::kPlanes * M * Kp / 2;
+  WordBuffer pair_hi(kBf16Dot ? pair_count : 1), pair_lo(kBf16Dot ? pair_count : 1);
+  Buffer pair_sum(M * G);
+  XPairs xp{pair_hi.p, pair_lo.p, pair_sum.p, false};
+  if constexpr (kBf16Dot) {
+    make_pairs<Bits<B>::kWidth[0]>(a, 1.f, xp.hi, xp.lo, xp.sum, &xp.has_lo);
+    if (B == 3)
+      make_pairs<1>(a, 4.f, xp.hi + M * Kp / 2, xp.lo + M * Kp / 2, xp.sum, &xp.has_lo);
+  }
+#endif
   constexpr int NV = 2, COLS = NV * LanesV::L;
   const int64_t full = a.N / COLS, tail = a.N % COLS;
   // Work units: the full 16-column blocks, then one unit for the tail columns.
@@ -240,19 +369,55 @@ static void forward_bits(const ForwardArgs& a, int threads) {
   // Below ~1M weights, starting threads costs more than it saves.
   const int64_t weights = a.N * Kp;
   const int nthreads = weights < (1 << 20) ? 1 : threads;
+  // Loop order: groups outside, column blocks inside. For one group a thread reads a few
+  // word rows (8 at 4-bit, g = 64) left to right across its columns — a handful of
+  // sequential streams the hardware prefetcher follows — instead of walking down a column
+  // block, where every word row is a new page 4·N bytes further on (TLB misses, and no
+  // prefetching: that order ran at half the memory bandwidth). The partial sums live in
+  // y itself (fp32, the thread's own columns: a few KB, in L1/L2).
   auto body = [&](int64_t u0, int64_t u1) {
-    for (int64_t u = u0; u < u1; ++u) {
-      int64_t m0 = 0;
-      if (u < full) {
-        const int64_t n0 = u * COLS;
-        for (; m0 + 4 <= M; m0 += 4) forward_block<B, 4, NV, LanesV>(a, xs, xsum, xa, n0, m0);
-        for (; m0 + 2 <= M; m0 += 2) forward_block<B, 2, NV, LanesV>(a, xs, xsum, xa, n0, m0);
-        for (; m0 < M; ++m0) forward_block<B, 1, NV, LanesV>(a, xs, xsum, xa, n0, m0);
-      } else {
-        for (int64_t n0 = full * COLS; n0 < a.N; ++n0)
-          for (m0 = 0; m0 < M; ++m0) forward_block<B, 1, 1, Lanes1>(a, xs, xsum, xa, n0, m0);
+    const int64_t c0 = u0 * COLS, c1 = u1 * COLS < a.N ? u1 * COLS : a.N;
+    for (int64_t m = 0; m < M; ++m)
+      for (int64_t n = c0; n < c1; ++n) a.y[m * a.N + n] = 0.f;
+    for (int64_t g = 0; g < G; ++g)
+      for (int64_t u = u0; u < u1; ++u) {
+        int64_t m0 = 0;
+        if (u < full) {
+          const int64_t n0 = u * COLS;
+#if defined(QRA_CPU_BF16DOT)
+          if constexpr (kBf16Dot) {
+            if (!xp.has_lo) {
+              for (; m0 + 4 <= M; m0 += 4) group_block_bf16<B, 4, NV>(a, xp, xsum, g, n0, m0);
+              for (; m0 + 2 <= M; m0 += 2) group_block_bf16<B, 2, NV>(a, xp, xsum, g, n0, m0);
+              for (; m0 < M; ++m0) group_block_bf16<B, 1, NV>(a, xp, xsum, g, n0, m0);
+              continue;
+            }
+          }
+#endif
+          for (; m0 + 4 <= M; m0 += 4) group_block<B, 4, NV, LanesV>(a, xs, xsum, g, n0, m0);
+          for (; m0 + 2 <= M; m0 += 2) group_block<B, 2, NV, LanesV>(a, xs, xsum, g, n0, m0);
+          for (; m0 < M; ++m0) group_block<B, 1, NV, LanesV>(a, xs, xsum, g, n0, m0);
+        } else {
+          for (int64_t n0 = full * COLS; n0 < a.N; ++n0)
+            for (m0 = 0; m0 < M; ++m0) group_block<B, 1, 1, Lanes1>(a, xs, xsum, g, n0, m0);
+        }
       }
-    }
+    // Epilogue: LoRA (xa = x·Aᵀ was computed once per call) and bias, on the thread's
+    // columns while they are still in cache.
+    if (a.rank > 0 || a.bias)
+      for (int64_t m = 0; m < M; ++m)
+        for (int64_t n = c0; n < c1; ++n) {
+          float val = a.y[m * a.N + n];
+          if (a.rank > 0) {
+            const float* b = a.lora_B + n * a.rank;
+            const float* u = xa + m * a.rank;
+            float d = 0.f;
+            for (int64_t r = 0; r < a.rank; ++r) d += u[r] * b[r];
+            val += a.scaling * d;
+          }
+          if (a.bias) val += a.bias[n];
+          a.y[m * a.N + n] = val;
+        }
   };
   run_parallel(units, nthreads, body);
 }

@@ -33,7 +33,7 @@ struct BackwardArgs {
 
 void forward(const ForwardArgs& a, int threads);
 void backward_dx(const BackwardArgs& a, int threads);
-// "avx512", "avx2" or "generic": the instruction set the dispatcher uses on this CPU.
+// "avx512bf16", "avx512", "avx2" or "generic": the instruction set the dispatcher uses on this CPU.
 const char* isa();
 }  // namespace cpu
 }  // namespace qra

@@ -1,6 +1,6 @@
 """The C++ CPU kernel (csrc/cpu) against the reference backend: forward and backward, every
-bit-width and group size, odd shapes, ranks 0/7/16, fp32/bf16 activations, the AVX-512,
-AVX2 and portable builds, one threaded shape, and its validation."""
+bit-width and group size, odd shapes, ranks 0/7/16, fp32/bf16 activations, the AVX-512 (with and
+without BF16), AVX2 and portable builds, one threaded shape, and its validation."""
 import pytest
 import torch
 
@@ -49,7 +49,7 @@ SHAPES = [(37, 100, 32, 7, 3), (64, 256, 64, 0, 1), (130, 200, 128, 16, 7),
 
 @pytest.mark.parametrize("bits", BITS)
 @pytest.mark.parametrize("n,k,g,rank,m", SHAPES)
-@pytest.mark.parametrize("isa", ["native", "avx2", "generic"])
+@pytest.mark.parametrize("isa", ["native", "avx512", "avx2", "generic"])
 def test_forward_backward_match_reference(bits, n, k, g, rank, m, isa, monkeypatch):
     if isa != "native":  # caps the build the C++ dispatcher picks, read at every call
         monkeypatch.setenv("QRA_CPU_ISA", isa)
@@ -156,4 +156,17 @@ def test_build_info_reports_the_cpu_extension():
     info = qk.build_info()
     assert info["cpu_extension"] is True
     assert "cpu" in info["backends"]
-    assert _ext.extension().build_info()["cpu_isa"] in ("avx512", "avx2", "generic")
+    assert _ext.extension().build_info()["cpu_isa"] in ("avx512bf16", "avx512", "avx2", "generic")
+
+
+@pytest.mark.parametrize("bits", BITS)
+@pytest.mark.parametrize("n,k,g,rank,m", SHAPES)
+def test_bf16_activations_on_odd_shapes(bits, n, k, g, rank, m):
+    # bf16 x takes the AVX-512 BF16 dot-product path where the CPU has it (2/3/4-bit).
+    cpu, ref = _backends()
+    x, qw, a, b, bias = _case(n, k, g, bits, rank, m, torch.bfloat16)
+    args = (qw.qweight, qw.scales, qw.zeros, bits, g, n, a, b, 0.75)
+    _close(cpu.forward(x, *args, bias), ref.forward(x, *args, bias), x.dtype)
+    # And the exact fp32 result of the kernel itself, before the cast to bf16.
+    x32 = x.float()
+    _close(cpu.forward(x32, *args, bias), ref.forward(x32, *args, bias), torch.float32)
