@@ -58,10 +58,10 @@ def _add_model(p):
 
 def _add_search_options(p, demo: bool = False):
     g = p.add_argument_group("budget")
-    g.add_argument("--budget-bits", type=_positive(float), default=4.0 if demo else None,
+    g.add_argument("--budget-bits", type=_positive(float), default=None,
                    help="memory of the quantized layers + adapters may not exceed that of the "
                         "same layers stored uniformly at this many bits (scales and zeros "
-                        "included) with rank --default-rank adapters (default 4.0)")
+                        "included) with rank --default-rank adapters (default 4.0 when no other budget is given)")
     g.add_argument("--budget-mb", type=_positive(float), default=None,
                    help="absolute memory budget for quantized layers + adapters, in MiB")
     g.add_argument("--budget-latency-us", type=_positive(float), default=None,
@@ -170,7 +170,10 @@ def _cache_dir(args) -> str:
 
 
 def _load(args):
-    from .models import load_model
+    from .models import ModelNotFoundError, default_model_path, load_model
+    path = args.model or default_model_path()
+    if not os.path.exists(path):
+        raise ModelNotFoundError(f"model path {path!r} does not exist")
     print(f"loading {args.model or 'SmolLM2-135M (default)'} ...", file=sys.stderr, flush=True)
     return load_model(args.model)
 
@@ -181,7 +184,7 @@ def _check_search_args(args):
     if args.default_rank not in args.ranks:
         raise ValueError(f"--default-rank {args.default_rank} is not among --ranks {args.ranks}")
     if args.budget_bits is None and args.budget_mb is None and args.budget_latency_us is None:
-        raise ValueError("give a budget: --budget-bits, --budget-mb or --budget-latency-us")
+        args.budget_bits = 4.0  # the documented default budget
     if args.budget_latency_us is not None and args.latency_table is None:
         raise ValueError("--budget-latency-us needs --latency-table (a device, a JSON path or 'measure')")
 
@@ -249,8 +252,11 @@ def format_front(result) -> str:
 def cmd_search(args) -> int:
     _setup(args)
     _check_search_args(args)
-    model, tok = _load(args)
     archive = args.archive or f"{args.out}.archive.jsonl"
+    if not args.resume and os.path.exists(archive) and os.path.getsize(archive) > 0:
+        raise ValueError(f"archive {archive!r} already exists: pass --resume to continue that "
+                         "search, or choose another --archive path")
+    model, tok = _load(args)
     result = _run_search(args, model, tok, archive, args.resume)
     print(format_front(result))
     result.best.save(args.out)

@@ -141,7 +141,57 @@ class GeneSpace:
         group's adapter at least that large: the cheap fidelity sees what an adapter
         recovers at initialisation, not what it can still learn (plasticity), so seeds with
         a rank floor put the budget's bits where they matter while keeping that capacity."""
+        return self.exchange(self._greedy_up(budget or self.budget, min_rank),
+                             budget or self.budget, min_rank)
+
+    def exchange(self, cfg: GroupConfig, budget: Optional[Budget] = None, min_rank: int = 0,
+                 max_moves: int = 1000) -> GroupConfig:
+        """Exchanges at a fixed budget: move one group's bits up a level and as few others
+        down a level as pay for it (ranks kept) while the predicted total improves. Pure
+        upward greed stalls at a uniform allocation when no single upgrade fits."""
         budget = budget or self.budget
+        cfg = dict(cfg)
+        for _ in range(max_moves):
+            mem = self.memory(cfg)
+            best = None
+            ups, downs = [], []
+            for g in self.names:
+                b, r = cfg[g]
+                i = self.bits.index(b)
+                for j, lst in ((i + 1, ups), (i - 1, downs)):
+                    if 0 <= j < len(self.bits) and r >= min_rank:
+                        o = (self.bits[j], r)
+                        lst.append((g, o, self._pred(g, o) - self._pred(g, (b, r)),
+                                    self._bytes[g][o] - self._bytes[g][(b, r)]))
+            limit = budget.memory_bytes
+            downs.sort(key=lambda t: t[2] / max(-t[3], 1))  # least harm per byte freed first
+            for gu, ou, du, bu in ups:
+                if du >= -1e-12:
+                    continue
+                total, moves, need = du, [(gu, ou)], (mem + bu - limit) if limit is not None else 0
+                for gd, od, dd, bd in downs:
+                    if need <= 0:
+                        break
+                    if gd == gu:
+                        continue
+                    total += dd
+                    need += bd
+                    moves.append((gd, od))
+                if need > 0 or total >= -1e-12:
+                    continue
+                if best is None or total < best[0]:
+                    best = (total, moves)
+            if best is None:
+                break
+            trial = dict(cfg)
+            for g, o in best[1]:
+                trial[g] = o
+            if not self.feasible(trial, budget):
+                break
+            cfg = trial
+        return cfg
+
+    def _greedy_up(self, budget: Budget, min_rank: int) -> GroupConfig:
         ranks = [r for r in self.ranks if r >= min_rank]
         if not ranks:
             raise ValueError(f"no rank choice >= {min_rank}")

@@ -220,10 +220,11 @@ def run_search(model, calibration, budget_bits: Optional[float] = 4.0, *,
     baselines = [space.uniform(b, r) for b in space.bits
                  for r in sorted({space.ranks[0], default_rank} & set(space.ranks))]
     seeds = [space.greedy()]
-    # Plasticity seeds: the same greedy with every adapter at least default_rank (and twice
-    # that), so the costly fidelity sees allocations that keep training capacity.
+    # Plasticity seeds: the same greedy with every adapter at least r, for each rank choice
+    # 0 < r <= default_rank, so the costly fidelity also sees allocations that keep
+    # training capacity (the cheap KL values an adapter only at its initialisation).
     plastic = []
-    for floor in sorted({default_rank, 2 * default_rank} & set(space.ranks) - {0}):
+    for floor in sorted(r for r in space.ranks if 0 < r <= default_rank):
         try:
             plastic.append(space.greedy(min_rank=floor))
         except ValueError:
@@ -245,7 +246,10 @@ def run_search(model, calibration, budget_bits: Optional[float] = 4.0, *,
 
     # --- stage III ------------------------------------------------------------------------
     t = time.perf_counter()
-    history = [(_cfg(r), r["quality"]) for r in arch.records if r["fidelity"] == "cheap"]
+    # Only what stage II produced: on --resume the archive already holds this stage's own
+    # evaluations, and seeing them early would change the GP's proposals.
+    history = [(_cfg(r), r["quality"]) for r in arch.records
+               if r["fidelity"] == "cheap" and r["stage"] != "gp"]
     refine(space, history, cheap("gp"), refine_steps, seed, progress=progress)
     timings["refinement"] = time.perf_counter() - t
 
