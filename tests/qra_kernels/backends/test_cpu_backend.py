@@ -42,8 +42,9 @@ def _close(got, want, dtype):
 
 
 # (N, K, group, rank, M): odd N (vector tail), K not a multiple of the group (padding),
-# rank 0 / 7 / 16, M covering the 4-, 2- and 1-row blocks.
-SHAPES = [(37, 100, 32, 7, 3), (64, 256, 64, 0, 1), (130, 200, 128, 16, 7),
+# rank 0 / 7 / 16, M covering the 4-, 2- and 1-row blocks and two 8-row passes of the
+# backward.
+SHAPES = [(37, 100, 32, 7, 3), (64, 256, 64, 0, 1), (130, 200, 128, 16, 11),
           (16, 128, 32, 16, 1), (9, 64, 64, 7, 2)]
 
 
