@@ -62,3 +62,11 @@ def test_measured_latency_table_is_positive_and_usable():
     assert len(t.entries) == 4 and all(e["us"] > 0 for e in t.entries)
     costs = CostModel({"a": (16, 64)}, 64, latency=t, latency_m=1)
     assert costs.latency_us({"a": (4, 8)}) == pytest.approx(t.lookup(16, 64, 4, 8, 1))
+
+
+def test_shipped_cpu_table_covers_smollm2_shapes():
+    t = LatencyTable.load("cpu")
+    for n, k in ((576, 576), (192, 576), (1536, 576), (576, 1536)):
+        for b in (2, 3, 4, 8):
+            for r in (0, 4, 8, 16, 32, 64):
+                assert t.lookup(n, k, b, r, 1) > 0
