@@ -11,6 +11,9 @@ Plain functions, one per kernel, callable directly on 2-d tensors (benchmarks do
 
 On CUDA tensors the kernels are compiled; on CPU tensors they run in Triton's interpreter
 (slow; it is how the tests exercise them without a GPU). See :mod:`.runtime`.
+Launch configurations and the decode/GEMM row threshold are data
+(``qra_kernels/configs/triton_configs.json``, :mod:`.config`); :mod:`.aot` compiles every
+launched variant for a GPU target without a GPU.
 """
 from __future__ import annotations
 
