@@ -90,15 +90,15 @@ def _add_search_options(p, demo: bool = False):
                                                 "2 CPU cores)" if demo else ""))
     e = p.add_argument_group("effort")
     e.add_argument("--seed", type=int, default=0)
-    e.add_argument("--evaluations", type=_positive(int), default=24 if demo else 48,
+    e.add_argument("--evaluations", type=_positive(int), default=20 if demo else 48,
                    help="CMA-ES candidates (cheap fidelity)")
     e.add_argument("--popsize", type=_positive(int), default=None)
     e.add_argument("--refine-steps", type=int, default=4 if demo else 8,
                    help="GP / expected-improvement evaluations")
     e.add_argument("--proxy-top", type=int, default=1 if demo else 2,
                    help="candidates that get the proxy fine-tune (costly fidelity)")
-    e.add_argument("--proxy-steps", type=int, default=6 if demo else 10)
-    e.add_argument("--calib-blocks", type=_positive(int), default=3 if demo else 8,
+    e.add_argument("--proxy-steps", type=int, default=8 if demo else 10)
+    e.add_argument("--calib-blocks", type=_positive(int), default=4 if demo else 8,
                    help="calibration blocks (a quarter of them validate the proxy fine-tune)")
     e.add_argument("--seq-len", type=_positive(int), default=128)
     e.add_argument("--cache-dir", default=None,
