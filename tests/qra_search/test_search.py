@@ -110,3 +110,16 @@ def test_latency_budget(model, tokens):
     assert r.best.objectives["latency_us"] <= 14 * 3.5
     with pytest.raises(ValueError, match="smallest feasible budget is --budget-latency-us 28"):
         run_search(model, tokens, None, budget_latency_us=10, latency_table=table, **KW)
+
+
+def test_calibration_from_texts_or_id_lists(make_tokenizer):
+    from qra_search.models import documentation_texts
+    from qra_search.search import tokens_from
+    tok = make_tokenizer()
+    t = tokens_from(documentation_texts()[:50], tok, seq_len=16, n_blocks=3)
+    assert t.shape == (3, 16) and t.dtype == torch.long
+    assert tokens_from([[1, 2, 3, 4], [5, 6, 7, 8]], seq_len=4).tolist() == [[1, 2, 3, 4], [5, 6, 7, 8]]
+    with pytest.raises(ValueError, match="tokenizer"):
+        tokens_from(["some text"])
+    with pytest.raises(ValueError, match="calibration"):
+        tokens_from(42)
