@@ -4,9 +4,8 @@ Order of work (each timed; see ``SearchResult.timings``):
 
 0. ``quantize`` — every (layer, bits) quantized once (cached on disk with ``cache_dir``).
 1. ``sensitivity`` — stage I (:mod:`qra_search.sensitivity`).
-2. ``exploration`` — uniform baselines and sensitivity-greedy seeds (at the budget, and
-   at each baseline's memory both built up from the cheapest allocation and exchanged
-   from the baseline itself, so the front is populated where it is compared), then CMA-ES
+2. ``exploration`` — uniform baselines and sensitivity-greedy seeds (at the budget and at
+   each baseline's memory, so the front is populated where it is compared), then CMA-ES
    (:mod:`qra_search.evolution`), all at the cheap fidelity (KL).
 3. ``refinement`` — stage III, GP + constrained EI (:mod:`qra_search.refinement`).
 4. ``proxy`` — the costly fidelity for the promising few: the ``proxy_top`` best feasible
@@ -231,18 +230,11 @@ def run_search(model, calibration, budget_bits: Optional[float] = 4.0, *,
         except ValueError:
             pass
     seeds += plastic
-    for u in baselines:  # where the front is compared: at each baseline's memory, the
-        # greedy built up from the cheapest allocation, and exchanges started from the
-        # uniform allocation itself (a mix that stays near a strong uniform point; the
-        # greedy alone can land on a mix that measures worse than uniform).
-        at_u = Budget(space.memory(u), None)
-        for make in (lambda: space.greedy(at_u), lambda: space.exchange(u, at_u)):
-            try:
-                cfg = make()
-            except ValueError:
-                continue
-            if space.key(cfg) != space.key(u):
-                seeds.append(cfg)
+    for u in baselines:  # greedy at each baseline's memory: where the front is compared
+        try:
+            seeds.append(space.greedy(Budget(space.memory(u), None)))
+        except ValueError:
+            pass
     score_seed = cheap("seed")
     for cfg in baselines:
         cheap("uniform")(cfg)
