@@ -97,7 +97,7 @@ def main(rank, mode, init_file, out_path):
             torch.save({"losses": [l.item() for l in losses], "state": state}, out_path)
         # Leave together. Without this barrier rank 1 could finish and tear gloo down while
         # rank 0 was still saving, and now and then it died of SIGABRT ("terminate called
-        # without an active exception"): 2 of 12 runs here and once in CI. With it: 0 of 28.
+        # without an active exception"): 2 of 12 runs here and once in CI. With it: none in 27.
         dist.barrier()
         del model, pm  # release DDP's reducer / FSDP's state before the group goes
     finally:
