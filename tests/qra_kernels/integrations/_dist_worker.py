@@ -1,5 +1,7 @@
 """Worker for test_distributed.py: imported by name in the spawned processes."""
+import faulthandler
 import os
+import sys
 
 import torch
 import torch.distributed as dist
@@ -68,8 +70,6 @@ def single_process():
 
 
 def main(rank, mode, init_file, out_path):
-    import faulthandler
-    import sys
     # A C++ abort inside gloo kills the child with no Python traceback; this prints one.
     faulthandler.enable(file=sys.stderr, all_threads=True)
     torch.set_num_threads(1)
