@@ -215,3 +215,13 @@ def _hqq_params(w, qmax):
         s, z = _lsq_refit(w, q, s, z)
         consider(s, z)
     return best_s, best_z
+
+
+def method_for_bits(bits: int, method: str) -> str:
+    """The quantizer a bit-width gets: ``method`` itself, or for ``"recommended"`` the
+    measured best one (:data:`RECOMMENDED_METHOD`)."""
+    if method == "recommended":
+        return RECOMMENDED_METHOD[bits]
+    if method not in METHODS:
+        raise ValueError(f"method must be 'recommended' or one of {METHODS}, got {method!r}")
+    return method

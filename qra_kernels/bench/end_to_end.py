@@ -165,7 +165,7 @@ def _variants(model, names, bits, rank, group_size, device, backends) -> Dict[st
     def qra(backend):
         def build():
             import qra_kernels as qk
-            from qra_search.allocation import Allocation
+            from qra_kernels.allocation import Allocation
             m = copy.deepcopy(model)
             for p in m.parameters():
                 p.requires_grad_(False)

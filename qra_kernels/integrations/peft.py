@@ -227,10 +227,10 @@ def lora_config(model: nn.Module, allocation=None, **kwargs: Any) -> LoraConfig:
         raise ValueError(f"{clash} are set by the allocation; change the allocation instead "
                          "(per-layer 'rank' and 'alpha')")
     if isinstance(allocation, (str, bytes)) or hasattr(allocation, "__fspath__"):
-        from qra_search import Allocation
+        from ..allocation import Allocation
         allocation = Allocation.load(allocation)
     elif isinstance(allocation, dict):
-        from qra_search import Allocation
+        from ..allocation import Allocation
         allocation = Allocation.from_dict(allocation)
     for name, spec in allocation.layers.items():
         if spec.get("rank", 0) <= 0:

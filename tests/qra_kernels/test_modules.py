@@ -215,3 +215,58 @@ def test_from_linear_and_forward_bad_input():
         bad.weight[0, 0] = float("nan")
     with pytest.raises(ValueError, match="NaN"):
         qk.QRALinear.from_linear(bad)
+
+
+def test_weight_stands_in_for_nn_linear():
+    """Modeling code reads `.weight` (dtype, device, shape); it is value-less and follows
+    module.to(dtype)."""
+    layer = qk.QRALinear.from_linear(linear(), bits=4, rank=2)
+    w = layer.weight
+    assert w.shape == (40, 128) and w.dtype == torch.float32 and w.device == layer.qweight.device
+    assert w.untyped_storage().nbytes() <= 8  # no memory behind the view
+    layer.to(torch.bfloat16)
+    assert layer.weight.dtype == torch.bfloat16 and layer.scales.dtype == torch.float16
+    assert "weight" not in layer.state_dict() and "weight" not in dict(layer.named_parameters())
+    bf = nn.Linear(128, 40).to(torch.bfloat16)
+    assert qk.QRALinear.from_linear(bf, bits=8).weight.dtype == torch.bfloat16
+
+
+def test_conv1d_is_quantized_as_the_linear_it_is():
+    from transformers.pytorch_utils import Conv1D
+    torch.manual_seed(0)
+    conv = Conv1D(48, 64)  # nf=48 outputs, nx=64 inputs; weight [64, 48]
+    nn.init.normal_(conv.weight, std=0.1)
+    nn.init.normal_(conv.bias, std=0.1)
+    model = nn.Sequential(conv)
+    x = torch.randn(3, 64)
+    y = model(x)
+    qk.quantize_model(model, {"group_size": 32, "layers": {"0": {"bits": 8, "rank": 3}}},
+                      method="rtn", lora_init="svd")
+    layer = model[0]
+    assert isinstance(layer, qk.QRALinear) and (layer.in_features, layer.out_features) == (64, 48)
+    torch.testing.assert_close(model(x), y, rtol=0.02, atol=0.02)
+
+
+def test_svd_init_adapter_is_the_error_best_approximation():
+    lin = linear()
+    layer = qk.QRALinear.from_linear(lin, bits=2, group_size=32, rank=8, alpha=16,
+                                     method="rtn", lora_init="svd")
+    err = lin.weight.detach() - layer.quantized_weight.dequantize()
+    approx = (layer.scaling * layer.lora_B @ layer.lora_A).detach()
+    s = torch.linalg.svdvals(err)
+    assert float(torch.linalg.matrix_norm(err - approx)) ** 2 == pytest.approx(
+        float((s[8:] ** 2).sum()), rel=1e-3)
+    with pytest.raises(ValueError, match="lora_init"):
+        qk.QRALinear.from_linear(lin, rank=2, lora_init="loftq")
+
+
+def test_quantize_model_says_what_it_did(caplog):
+    import logging
+    model = Tiny()
+    with caplog.at_level(logging.INFO, logger="qra_kernels"):
+        qk.quantize_model(model, {"group_size": 32, "layers": {"up": {"bits": 4}}})
+    text = caplog.text
+    assert "1 layers quantized" in text
+    assert "stay float" in text and "head" in text  # most weights left float: a warning
+    with pytest.raises(ValueError, match="quantizes no layer"):
+        qk.quantize_model(Tiny(), {"group_size": 32, "layers": {}})

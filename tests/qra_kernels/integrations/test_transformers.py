@@ -80,7 +80,7 @@ def test_config_to_dict_round_trip():
     (dict(group_size=48), ValueError, "group_size"),
     (dict(layer_bits={"a": 7}), ValueError, "layer_bits"),
     (dict(layer_bits=[("a", 4)]), TypeError, "layer_bits"),
-    (dict(method="gptq"), ValueError, "method"),
+    (dict(method="awq"), ValueError, "method"),
     (dict(scale_dtype="float32"), ValueError, "scale_dtype"),
     (dict(modules_to_not_convert="lm_head"), TypeError, "modules_to_not_convert"),
     (dict(bits=None), ValueError, "layer_bits"),
