@@ -36,7 +36,8 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
     import torch
     torch.set_num_threads(args.threads)
-    from .evaluate import Evaluator, QuantCache, linear_modules
+    from .evaluate import Evaluator
+    from .store import quant_store
     from .models import calibration_and_heldout, load_model
     from .search import run_search
 
@@ -51,9 +52,10 @@ def main(argv=None) -> int:
                        refine_steps=args.refine_steps, proxy_top=args.proxy_top,
                        proxy_steps=args.steps, proxy_lr=args.lr, cache_dir=args.cache_dir,
                        archive=arch, resume=True, n_blocks=args.calib_blocks)
-        cache = QuantCache(linear_modules(model, r.best.layers), 64, 64, args.method, args.cache_dir)
+        store = quant_store(model, r.best.layers, group_size=64, method=args.method,
+                            cache_dir=args.cache_dir)
         n_valid = max(1, calib.shape[0] // 4)
-        ev = Evaluator(model, cache, calib[:-n_valid], held)
+        ev = Evaluator(model, store, calib[:-n_valid], held)
         rows = {"searched": {n: (s["bits"], s["rank"]) for n, s in r.best.layers.items()}}
         for bits, rank in ((4, 16), (4, 0), (3, 16), (3, 0)):
             cfg = {n: (bits, rank) for n in r.best.layers}

@@ -82,7 +82,7 @@ def test_resume_after_interruption_reevaluates_nothing(tokens, tmp_path, make_mo
                        archive=str(arch), **KW)
     finally:
         evaluate.Evaluator.kl = orig
-    lines = arch.read_text().splitlines()
+    lines = [l for l in arch.read_text().splitlines() if '"event"' not in l]
     assert len(lines) == 1 + 9
     with open(arch, "a") as f:
         f.write('{"key": "torn')  # a write cut by the kill
@@ -94,13 +94,68 @@ def test_resume_after_interruption_reevaluates_nothing(tokens, tmp_path, make_mo
     assert resumed.evaluations["cheap"] == full.evaluations["cheap"] - 9
     assert resumed.best.layers == full.best.layers
     assert [o for _, o in resumed.pareto] == [o for _, o in full.pareto]
+    assert resumed.total_timings["total"] > resumed.timings["total"]  # both runs counted
     with pytest.raises(ValueError, match="different search"):
-        run_search(tiny_llama(), tokens, 3.0, seed=1, archive=str(arch), resume=True, **KW)
+        run_search(tiny_llama(), tokens, 3.5, seed=2, archive=str(arch), resume=True, **KW)
+
+
+def test_more_evaluations_extend_a_finished_search(tokens, tmp_path, make_model):
+    """A finished search rerun with more evaluations continues from its archive and ends
+    where an uninterrupted run with that many evaluations ends."""
+    kw = {**KW, "evaluations": 4, "granularity": "module"}
+    arch = str(tmp_path / "ext.jsonl")
+    first = run_search(make_model(), tokens, 3.5, seed=1, cache_dir=str(tmp_path),
+                       archive=arch, **kw)
+    more = run_search(make_model(), tokens, 3.5, seed=1, cache_dir=str(tmp_path),
+                      archive=arch, resume=True, **{**kw, "evaluations": 12})
+    assert more.evaluations["reused"] >= first.evaluations["cheap"] - 2
+    assert more.evaluations["cheap"] > 0
+    fresh = run_search(make_model(), tokens, 3.5, seed=1, cache_dir=str(tmp_path),
+                       archive=str(tmp_path / "fresh.jsonl"), **{**kw, "evaluations": 12})
+    assert more.best.layers == fresh.best.layers
+    assert [o for _, o in more.pareto] == [o for _, o in fresh.pareto]
+
+
+def test_a_search_killed_in_each_stage_resumes_to_the_same_result(tokens, tmp_path, make_model):
+    """Kill (as an exception in the evaluator would) inside stage 0, I, II, III and the
+    proxy stage; each resumed run returns what the uninterrupted run returned."""
+    from qra_search import evaluate, store as store_mod
+    full = run_search(make_model(), tokens, 3.5, seed=4, cache_dir=str(tmp_path / "c0"),
+                      archive=str(tmp_path / "full.jsonl"), **KW)
+    cases = {"quantize": (store_mod.QuantStore, "_compute", 5),
+             "sensitivity": (evaluate.Evaluator, "kl", 3),
+             "exploration": (evaluate.Evaluator, "kl", 14),
+             "refinement": (evaluate.Evaluator, "kl", None),
+             "proxy": (evaluate.Evaluator, "proxy_finetune", 1)}
+    n_kl_before_gp = 8 + full.evaluations["cheap"] - KW["refine_steps"]
+    for stage, (cls, meth, after) in cases.items():
+        if after is None:
+            after = n_kl_before_gp + 1  # within the GP steps
+        cache, arch = str(tmp_path / f"c-{stage}"), str(tmp_path / f"{stage}.jsonl")
+        orig, calls = getattr(cls, meth), {"n": 0}
+
+        def killed(self, *a, _orig=orig, _after=after, **k):
+            calls["n"] += 1
+            if calls["n"] > _after:
+                raise KeyboardInterrupt
+            return _orig(self, *a, **k)
+        setattr(cls, meth, killed)
+        try:
+            with pytest.raises(KeyboardInterrupt):
+                run_search(make_model(), tokens, 3.5, seed=4, cache_dir=cache, archive=arch, **KW)
+        finally:
+            setattr(cls, meth, orig)
+        events = [json.loads(l) for l in open(arch) if '"event"' in l]
+        assert events[-1]["stage"] == stage and events[-1]["interrupted"], events
+        resumed = run_search(make_model(), tokens, 3.5, seed=4, cache_dir=cache, archive=arch,
+                             resume=True, **KW)
+        assert resumed.best.layers == full.best.layers, stage
+        assert [o for _, o in resumed.pareto] == [o for _, o in full.pareto], stage
 
 
 def test_latency_budget(model, tokens):
     from qra_search.costs import LatencyTable
-    from qra_search.allocation import linear_shapes
+    from qra_kernels.allocation import linear_shapes
     entries = [{"n": n, "k": k, "bits": b, "rank": r, "m": 1, "us": b * 1.0 + r * 0.1}
                for n, k in set(linear_shapes(model).values()) for b in (2, 3, 4, 8)
                for r in (0, 4, 8)]
