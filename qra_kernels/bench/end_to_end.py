@@ -21,6 +21,7 @@ import torch
 from torch import nn
 
 from . import timing
+from ..modules import replace_module
 from .impls import _one_line, package_version, selected_backend
 
 __all__ = ["model_end_to_end", "smollm2_end_to_end", "llama3_8b_stack"]
@@ -152,8 +153,7 @@ def _to_bnb_nf4(model: nn.Module, names: List[str], blocksize: int) -> nn.Module
         if lin.bias is not None:
             q.bias = nn.Parameter(lin.bias.data, requires_grad=False)
         q = q.to(lin.weight.device)  # quantizes on the move
-        parent, _, attr = name.rpartition(".")
-        setattr(modules[parent] if parent else model, attr, q)
+        replace_module(model, name, q)
     return model
 
 
