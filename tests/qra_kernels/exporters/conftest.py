@@ -6,7 +6,7 @@ from torch import nn
 
 import qra_kernels as qk
 
-VOCAB = 272  # 256 byte tokens + <|endoftext|>, padded: tests the GGUF vocabulary padding
+VOCAB = 272  # 256 byte tokens, one merge and <|endoftext|>, padded: tests the GGUF vocabulary padding
 IDS = torch.randint(0, 257, (2, 12), generator=torch.Generator().manual_seed(2))
 
 
@@ -58,8 +58,9 @@ def tiny_tokenizer():
     from tokenizers.pre_tokenizers import ByteLevel
     from transformers import PreTrainedTokenizerFast
     vocab = {c: i for i, c in enumerate(sorted(ByteLevel.alphabet()))}
+    vocab["he"] = len(vocab)  # one merge: llama.cpp refuses a BPE vocabulary without merges
     vocab["<|endoftext|>"] = len(vocab)
-    tok = Tokenizer(models.BPE(vocab=vocab, merges=[]))
+    tok = Tokenizer(models.BPE(vocab=vocab, merges=[("h", "e")]))
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
     return PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|endoftext|>",
