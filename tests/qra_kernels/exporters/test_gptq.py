@@ -327,3 +327,23 @@ def test_gptqmodel_mixed_allocation_and_peft_adapter_give_the_finetuned_logits(t
         ref = pm(IDS).logits
     torch.testing.assert_close(got, ref, rtol=1e-2, atol=3e-3)
     assert base_gap > 10 * (got - ref).abs().max()  # the adapter is what closes the gap
+
+
+def test_transformers_gptq_integration_loads_uniform_bits_and_refuses_mixed_loudly(tmp_path):
+    """transformers' GPTQ path (optimum + gptqmodel) builds every layer at the default bits:
+    it ignores `dynamic`, so a mixed export fails with a size mismatch instead of loading
+    wrong weights. Uniform exports load and match."""
+    pytest.importorskip("gptqmodel")
+    pytest.importorskip("optimum")
+    from transformers import AutoModelForCausalLM
+    model = quantized(bits=3)
+    export_gptq(model, str(tmp_path / "u"), tokenizer=tiny_tokenizer())
+    hf = AutoModelForCausalLM.from_pretrained(str(tmp_path / "u"), dtype=torch.float16,
+                                              device_map="cpu")
+    with torch.no_grad():
+        torch.testing.assert_close(hf(IDS).logits.float(), model(IDS).logits, rtol=1e-2, atol=3e-3)
+    mixed = quantized(allocation=mixed_allocation(tiny_llama()))
+    export_gptq(mixed, str(tmp_path / "m"), tokenizer=tiny_tokenizer())
+    with pytest.raises(RuntimeError, match="ignore_mismatched_sizes"):
+        AutoModelForCausalLM.from_pretrained(str(tmp_path / "m"), dtype=torch.float16,
+                                             device_map="cpu")
