@@ -223,7 +223,8 @@ def export_gguf(model: nn.Module, out_path: str, *, types: Optional[Mapping[int,
         gg = name_map.get_name(hf_name, try_suffixes=(".weight", ".bias"))
         if gg is None:
             raise NotExportableError(f"{hf_name}: no GGUF tensor name for it in {arch_name}")
-        if permute and hf_name.endswith(("self_attn.q_proj.weight", "self_attn.k_proj.weight")):
+        if permute and hf_name.endswith(("self_attn.q_proj.weight", "self_attn.k_proj.weight",
+                                         "self_attn.q_proj.bias", "self_attn.k_proj.bias")):
             heads = hp["n_head"] if ".q_proj." in hf_name else hp["n_head_kv"]
             w = _permute_rope(w, heads)
         if w.dim() == 1:

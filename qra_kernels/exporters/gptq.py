@@ -303,7 +303,7 @@ def _float_state(root: nn.Module, skip: Iterable[str], dtype: torch.dtype) -> Di
                 if not rest.startswith("base_layer."):
                     continue  # the adapters' own tensors (lora_A, lora_B, ...)
                 full = inside_tuner + rest[len("base_layer."):]
-            if (full + ".").startswith(skip) or any(full.startswith(s) for s in skip):
+            if full.startswith(skip):
                 continue
             # Tied weights (embeddings = output head) share storage: store the first name.
             key = t.data_ptr() if t.numel() else id(t)

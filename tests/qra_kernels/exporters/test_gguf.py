@@ -21,7 +21,7 @@ gguf = pytest.importorskip("gguf")
 FAMILY_HEADS = {"llama": (4, 2), "qwen2": (4, 2), "qwen3": (4, 2)}
 
 
-def tiny(family="llama", seed=0):
+def tiny(family="llama", seed=0, **overrides):
     import transformers as tf
     cls = {"llama": tf.LlamaConfig, "qwen2": tf.Qwen2Config, "qwen3": tf.Qwen3Config}[family]
     kw = dict(vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
@@ -29,6 +29,7 @@ def tiny(family="llama", seed=0):
               rms_norm_eps=1e-5, tie_word_embeddings=False)
     if family == "qwen3":
         kw["head_dim"] = 16
+    kw.update(overrides)
     torch.manual_seed(seed)
     model = tf.AutoModelForCausalLM.from_config(cls(**kw)).eval()
     with torch.no_grad():  # sharp attention, so a wrong q/k row order shows in the logits
@@ -38,8 +39,8 @@ def tiny(family="llama", seed=0):
     return model
 
 
-def finetuned(family="llama", allocation=None):
-    model = tiny(family)
+def finetuned(family="llama", allocation=None, **overrides):
+    model = tiny(family, **overrides)
     alloc = allocation or mixed_allocation(model)
     return randomize_adapters(qk.quantize_model(model, alloc, method="rtn"))
 
@@ -50,14 +51,14 @@ def unpermute(w, n_head):
         w.shape)
 
 
-def model_from_gguf(path, family="llama", permuted=True):
+def model_from_gguf(path, family="llama", permuted=True, **overrides):
     """A transformers model whose every tensor is read (and dequantized) from the GGUF."""
     reader = gguf.GGUFReader(path)
     tensors = {t.name: t for t in reader.tensors}
     arch = {"llama": gguf.MODEL_ARCH.LLAMA, "qwen2": gguf.MODEL_ARCH.QWEN2,
             "qwen3": gguf.MODEL_ARCH.QWEN3}[family]
     names = gguf.get_tensor_name_map(arch, 2)
-    ref = tiny(family, seed=7)
+    ref = tiny(family, seed=7, **overrides)
     state = {}
     n_head, n_kv = FAMILY_HEADS[family]
     for name, p in ref.state_dict().items():
@@ -66,9 +67,9 @@ def model_from_gguf(path, family="llama", permuted=True):
         t = tensors[names.get_name(name, try_suffixes=(".weight", ".bias"))]
         w = torch.from_numpy(np.array(gguf.quants.dequantize(t.data, t.tensor_type),
                                       dtype=np.float32).reshape(p.shape))
-        if family == "llama" and permuted and name.endswith("self_attn.q_proj.weight"):
+        if family == "llama" and permuted and ".self_attn.q_proj." in name:
             w = unpermute(w, n_head)
-        if family == "llama" and permuted and name.endswith("self_attn.k_proj.weight"):
+        if family == "llama" and permuted and ".self_attn.k_proj." in name:
             w = unpermute(w, n_kv)
         state[name] = w
     ref.load_state_dict(state, strict=False)
@@ -113,12 +114,19 @@ def test_types_follow_the_allocation_and_adapters_are_merged(tmp_path):
         assert gap(rebuilt(IDS).logits, want) < 0.5  # lossy: 2/3-bit layers become Q4_0
 
 
-def test_q8_everywhere_reproduces_the_finetuned_model_and_needs_the_rope_permutation(tmp_path):
-    model = finetuned()
+@pytest.mark.parametrize("bias", [False, True])
+def test_q8_everywhere_reproduces_the_finetuned_model_and_needs_the_rope_permutation(tmp_path,
+                                                                                     bias):
+    model = finetuned(attention_bias=bias)
+    if bias:
+        with torch.no_grad():  # biases that matter (zero at init)
+            for n, p in model.named_parameters():
+                if n.endswith(("q_proj.bias", "k_proj.bias")):
+                    p.copy_(torch.randn(p.shape) * 2)
     path = str(tmp_path / "q8.gguf")
     export_gguf(model, path, types={b: "Q8_0" for b in DEFAULT_TYPES}, float_type="F32")
-    rebuilt, _ = model_from_gguf(path)
-    unpermuted, _ = model_from_gguf(path, permuted=False)
+    rebuilt, _ = model_from_gguf(path, attention_bias=bias)
+    unpermuted, _ = model_from_gguf(path, permuted=False, attention_bias=bias)
     # Each weight is the qra base plus its adapter, to Q8_0's precision.
     with torch.no_grad():
         for name, m in model.named_modules():
