@@ -275,6 +275,16 @@ def test_model_without_adapters_writes_no_adapter_and_rejects_non_models(tmp_pat
 
 
 # --- a real loader: GPTQModel's torch kernel ------------------------------------------------
+@pytest.fixture(autouse=True)
+def _eager_gptqmodel_kernels():
+    """GPTQModel's torch kernel wraps its dequantization in torch.compile (inductor): on a
+    2-core CPU that is ~20 s of compiling per test for a few tiny forwards. The same code
+    runs eagerly with dynamo disabled."""
+    import torch._dynamo
+    with torch._dynamo.config.patch(disable=True):
+        yield
+
+
 def _gptqmodel_load(path):
     gptqmodel = pytest.importorskip("gptqmodel")
     from gptqmodel import BACKEND, GPTQModel
