@@ -31,7 +31,7 @@ import torch
 import torch._dynamo
 from torch import nn
 
-CONFIGS = ("uniform4", "mixed")
+CONFIGS = ("uniform4", "mixed", "hqq4")
 
 
 def allocation(model, config: str):
@@ -41,6 +41,8 @@ def allocation(model, config: str):
         i = int(n.split(".")[2])
         if config == "uniform4":
             bits, rank = 4, 8
+        elif config == "hqq4":  # no adapter: the exported one is the zero-point remainder
+            bits, rank = 4, 0
         else:  # a searched-looking allocation: every bit-width, ranks 0..16
             if "self_attn.v_proj" in n or "self_attn.o_proj" in n:
                 bits, rank = 8, 4
@@ -138,7 +140,12 @@ def run(config: str, out_dir: str, n_heldout: int = 8, seq_len: int = 256) -> di
     alloc = allocation(float_model, config)
     res["bits_histogram"] = {str(b): sum(1 for s in alloc["layers"].values() if s["bits"] == b)
                              for b in (2, 3, 4, 8)}
-    qmodel = qk.quantize_model(copy.deepcopy(float_model), alloc, method="rtn")
+    method = "hqq" if config == "hqq4" else "rtn"
+    res["method"] = method
+    qmodel = qk.quantize_model(copy.deepcopy(float_model), alloc, method=method)
+    zeros = [m.zeros.float() for m in qmodel.modules() if isinstance(m, qk.QRALinear)]
+    res["groups_with_fractional_zero"] = sum(int((z != z.round()).sum()) for z in zeros)
+    res["groups"] = sum(z.numel() for z in zeros)
     svd_adapters(float_model, qmodel)
     res["ppl_qra"], qra_logits = nll_torch(qmodel, held)
     base_only = copy.deepcopy(qmodel)
@@ -151,7 +158,9 @@ def run(config: str, out_dir: str, n_heldout: int = 8, seq_len: int = 256) -> di
     # --- GPTQ --------------------------------------------------------------------------
     gdir = os.path.join(out_dir, f"{config}-gptq")
     t = time.time()
-    rep = export_gptq(qmodel, gdir, tokenizer=tok)
+    rep = export_gptq(qmodel, gdir, tokenizer=tok,
+                      fractional_zeros="fold" if method == "hqq" else "refuse")
+    res["zero_point_remainder_ranks"] = sorted(set(rep["zero_point_remainder_ranks"].values()))
     res["gptq_export_s"] = round(time.time() - t, 1)
     res["gptq_dir_bytes"] = os.path.getsize(os.path.join(gdir, "model.safetensors"))
     from gptqmodel import BACKEND, GPTQModel
@@ -165,7 +174,7 @@ def run(config: str, out_dir: str, n_heldout: int = 8, seq_len: int = 256) -> di
     want = {n: (l.module.bits, l.module.group_size)
             for n, l in linear_layers(qmodel).items() if l.quantized}
     res["gptq_bits_match"] = {n: (m.bits, m.group_size) for n, m in qmods.items()} == want
-    res["gptq_weights_bit_exact_fp16"] = all(
+    res["gptq_weights_bit_exact_fp16"] = None if method == "hqq" else all(
         torch.equal(m.dequantize_weight().t(),
                     dict(qmodel.named_modules())[n].quantized_weight.dequantize(torch.float16))
         for n, m in qmods.items())
@@ -186,7 +195,7 @@ def run(config: str, out_dir: str, n_heldout: int = 8, seq_len: int = 256) -> di
     # --- GGUF --------------------------------------------------------------------------
     variants = (("default", None), ("q5", {2: "Q5_1", 3: "Q5_1", 4: "Q5_1", 8: "Q8_0"}),
                 ("q8", {b: "Q8_0" for b in (2, 3, 4, 8)}))
-    for label, types in variants:
+    for label, types in variants[:1] if method == "hqq" else variants:
         path = os.path.join(out_dir, f"{config}-{label}.gguf")
         t = time.time()
         grep = export_gguf(qmodel, path, types=types, vocab_from=default_model_path())

@@ -339,6 +339,19 @@ def test_gptqmodel_mixed_allocation_and_peft_adapter_give_the_finetuned_logits(t
     assert base_gap > 10 * (got - ref).abs().max()  # the adapter is what closes the gap
 
 
+def test_quantize_config_has_the_keys_gptqmodel_writes():
+    pytest.importorskip("gptqmodel")
+    from gptqmodel.quantization.config import QuantizeConfig
+    dyn = {r"+:^m\.a$": {"bits": 8, "group_size": 32}, r"-:^m\.b$": {}}
+    theirs = QuantizeConfig(bits=4, group_size=64, sym=False, desc_act=False, format="gptq_v2",
+                            dynamic=dyn).to_dict()
+    ours, _ = quantize_config({"m.a": (8, 32), "m.c": (4, 64), "m.d": (4, 64)}, ["m.b"])
+    assert set(ours) == set(theirs)
+    for key in ("bits", "group_size", "desc_act", "sym", "lm_head", "method", "quant_method",
+                "format", "checkpoint_format", "pack_dtype", "dynamic"):
+        assert ours[key] == theirs[key], key
+
+
 def test_transformers_gptq_integration_loads_uniform_bits_and_refuses_mixed_loudly(tmp_path):
     """transformers' GPTQ path (optimum + gptqmodel) builds every layer at the default bits:
     it ignores `dynamic`, so a mixed export fails with a size mismatch instead of loading
