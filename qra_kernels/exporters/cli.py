@@ -146,8 +146,9 @@ def main_from_args(args: argparse.Namespace) -> int:
             adapter_dir=args.adapter_out or "adapter", tokenizer=tokenizer)
         bits = sorted({v["bits"] for v in report["layers"].values()})
         adapter = report["adapter"]["dir"] if report["adapter"] else "no adapter"
-        print(f"wrote {args.out}: {len(report['layers'])} GPTQ layers ({report['checkpoint_format']}, "
-              f"bits {bits}), {len(report['float_layers'])} float; {adapter}")
+        print(f"wrote {args.out}: {len(report['layers'])} GPTQ layers "
+              f"({report['checkpoint_format']}, bits {bits}), "
+              f"{len(report['float_layers'])} float; {adapter}")
         if report["vllm_fused_mismatch"]:
             print(f"note: vLLM/SGLang fuse layers whose shards differ here and cannot serve them: "
                   f"{', '.join(report['vllm_fused_mismatch'][:4])}"

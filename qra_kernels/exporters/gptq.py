@@ -54,8 +54,7 @@ import torch
 from torch import nn
 
 from ..format import QuantizedWeight
-from ..modules import QRALinear
-from .adapters import AdapterTerm, LinearLayer, linear_layers, stack_terms, unwrap
+from .adapters import AdapterTerm, linear_layers, stack_terms, unwrap
 
 __all__ = ["CHECKPOINT_FORMATS", "FRACTIONAL_ZEROS", "NotExportableError", "pack_stream",
            "unpack_stream", "to_gptq", "quantize_config", "export_gptq", "write_peft_adapter"]
@@ -65,7 +64,8 @@ FRACTIONAL_ZEROS = ("refuse", "fold")
 
 # vLLM's and SGLang's fused linear layers of the Llama/Mistral/Qwen families
 # (``packed_modules_mapping``): the dynamic patterns must name these too.
-FUSED_SHARDS = {"qkv_proj": ("q_proj", "k_proj", "v_proj"), "gate_up_proj": ("gate_proj", "up_proj")}
+FUSED_SHARDS = {"qkv_proj": ("q_proj", "k_proj", "v_proj"),
+                "gate_up_proj": ("gate_proj", "up_proj")}
 
 
 class NotExportableError(ValueError):
@@ -278,7 +278,8 @@ def write_peft_adapter(layers: Dict[str, Tuple[torch.Tensor, torch.Tensor]], out
 
 
 # --- the model ------------------------------------------------------------------------------
-def _float_state(root: nn.Module, skip: Iterable[str], dtype: torch.dtype) -> Dict[str, torch.Tensor]:
+def _float_state(root: nn.Module, skip: Iterable[str], dtype: torch.dtype
+                 ) -> Dict[str, torch.Tensor]:
     """Parameters and persistent buffers outside the exported layers, PEFT wrappers removed."""
     from peft.tuners.tuners_utils import BaseTunerLayer
     skip = tuple(s + "." for s in skip)

@@ -115,9 +115,11 @@ def gguf_into_model(path, model):
         t = tensors[key]
         w = torch.from_numpy(np.array(gguf.quants.dequantize(t.data, t.tensor_type),
                                       dtype=np.float32).reshape(p.shape))
-        for proj, heads in (("q_proj", cfg.num_attention_heads), ("k_proj", cfg.num_key_value_heads)):
+        for proj, heads in (("q_proj", cfg.num_attention_heads),
+                            ("k_proj", cfg.num_key_value_heads)):
             if name.endswith(f"self_attn.{proj}.weight"):
-                w = w.reshape(heads, w.shape[0] // heads // 2, 2, w.shape[1]).swapaxes(1, 2).reshape(p.shape)
+                w = (w.reshape(heads, w.shape[0] // heads // 2, 2, w.shape[1])
+                     .swapaxes(1, 2).reshape(p.shape))
         state[name] = w
     out.load_state_dict(state, strict=False)
     return out

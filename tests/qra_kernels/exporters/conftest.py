@@ -6,7 +6,8 @@ from torch import nn
 
 import qra_kernels as qk
 
-VOCAB = 272  # 256 byte tokens, one merge and <|endoftext|>, padded: tests the GGUF vocabulary padding
+# 256 byte tokens, one merge and <|endoftext|>, padded (tests the GGUF vocabulary padding)
+VOCAB = 272
 IDS = torch.randint(0, 257, (2, 12), generator=torch.Generator().manual_seed(2))
 
 

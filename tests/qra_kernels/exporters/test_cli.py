@@ -80,20 +80,29 @@ def test_bad_arguments_are_refused_before_loading(checkpoint, tmp_path, monkeypa
     monkeypatch.setattr(cli, "_load", no_load)
     tiny_llama().save_pretrained(tmp_path / "float")
     (tmp_path / "file").write_text("x")
+    g, q = "gptq", qra
     cases = [
-        (("--format", "gptq", "--model", str(tmp_path / "nope"), "--out", "o"), "--model: .* not a directory"),
-        (("--format", "gptq", "--model", str(tmp_path), "--out", "o"), "--model: .* no config.json"),
-        (("--format", "gptq", "--model", str(tmp_path / "float"), "--out", "o"), "not a qra checkpoint"),
-        (("--format", "gptq", "--model", qra, "--out", "o", "--adapter", str(tmp_path)), "--adapter:"),
-        (("--format", "gptq", "--model", qra, "--out", "o", "--gguf-type", "3=Q4_0"), "--gguf-type applies"),
-        (("--format", "gguf", "--model", qra, "--out", "o.gguf", "--dtype", "float32"), "--dtype applies"),
-        (("--format", "gptq", "--model", qra, "--out", str(tmp_path / "file")), "--out: .* is a file"),
-        (("--format", "gguf", "--model", qra, "--out", "o.bin"), r"--out: .* must end in \.gguf"),
-        (("--format", "gguf", "--model", qra, "--out", "o.gguf", "--gguf-type", "3"), "--gguf-type: expected BITS=TYPE"),
-        (("--format", "gguf", "--model", qra, "--out", "o.gguf", "--gguf-type", "5=Q5_0"), "--gguf-type: bits"),
-        (("--format", "gguf", "--model", qra, "--out", "o.gguf", "--gguf-type", "3=Q3_K"), "cannot be produced"),
-        (("--format", "gguf", "--model", qra, "--out", "o.gguf", "--float-type", "Q4_0"), "--float-type"),
-        (("--format", "gguf", "--model", qra, "--out", "o.gguf", "--vocab-from", "x.gguf"), "--vocab-from"),
+        (("--format", g, "--model", str(tmp_path / "nope"), "--out", "o"),
+         "--model: .* not a directory"),
+        (("--format", g, "--model", str(tmp_path), "--out", "o"), "--model: .* no config.json"),
+        (("--format", g, "--model", str(tmp_path / "float"), "--out", "o"), "not a qra checkpoint"),
+        (("--format", g, "--model", q, "--out", "o", "--adapter", str(tmp_path)), "--adapter:"),
+        (("--format", g, "--model", q, "--out", "o", "--gguf-type", "3=Q4_0"),
+         "--gguf-type applies"),
+        (("--format", "gguf", "--model", q, "--out", "o.gguf", "--dtype", "float32"),
+         "--dtype applies"),
+        (("--format", g, "--model", q, "--out", str(tmp_path / "file")), "--out: .* is a file"),
+        (("--format", "gguf", "--model", q, "--out", "o.bin"), r"--out: .* must end in \.gguf"),
+        (("--format", "gguf", "--model", q, "--out", "o.gguf", "--gguf-type", "3"),
+         "--gguf-type: expected BITS=TYPE"),
+        (("--format", "gguf", "--model", q, "--out", "o.gguf", "--gguf-type", "5=Q5_0"),
+         "--gguf-type: bits"),
+        (("--format", "gguf", "--model", q, "--out", "o.gguf", "--gguf-type", "3=Q3_K"),
+         "cannot be produced"),
+        (("--format", "gguf", "--model", q, "--out", "o.gguf", "--float-type", "Q4_0"),
+         "--float-type"),
+        (("--format", "gguf", "--model", q, "--out", "o.gguf", "--vocab-from", "x.gguf"),
+         "--vocab-from"),
     ]
     for argv, message in cases:
         with pytest.raises(ValueError, match=message):
