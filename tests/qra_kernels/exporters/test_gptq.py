@@ -193,13 +193,15 @@ def finetuned_peft_model():
     return randomize_adapters(pm).eval()
 
 
-def _float_copy_from_export(out, fmt="gptq_v2"):
+def _float_copy_from_export(out, fmt="gptq_v2", **overrides):
     """A float Llama built only from the exported files (independent unpacking + adapter)."""
     sd = load_file(os.path.join(out, "model.safetensors"))
     qcfg = json.load(open(os.path.join(out, "quantize_config.json")))
-    acfg = json.load(open(os.path.join(out, "adapter", "adapter_config.json")))
-    ad = load_file(os.path.join(out, "adapter", "adapter_model.safetensors"))
-    ref = tiny_llama(seed=99)
+    acfg, ad = {"target_modules": []}, {}
+    if os.path.isdir(os.path.join(out, "adapter")):
+        acfg = json.load(open(os.path.join(out, "adapter", "adapter_config.json")))
+        ad = load_file(os.path.join(out, "adapter", "adapter_model.safetensors"))
+    ref = tiny_llama(seed=99, **overrides)
     state = {}
     for name in linear_names(ref) + ["lm_head"]:
         spec = resolve(qcfg.get("dynamic", {}), name, (qcfg["bits"], qcfg["group_size"]))
@@ -246,6 +248,23 @@ def test_model_export_round_trip_without_a_loader(tmp_path):
     with torch.no_grad():
         torch.testing.assert_close(ref(IDS).logits, pm(IDS).logits, rtol=1e-4, atol=1e-4)
     assert json.load(open(os.path.join(out, "config.json")))["quantization_config"] == qcfg
+
+
+def test_biases_are_exported(tmp_path):
+    model = tiny_llama(attention_bias=True)
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if n.endswith(".bias"):
+                p.copy_(torch.randn(p.shape))
+    qk.quantize_model(model, {"layers": {n: {"bits": 4} for n in linear_names(model)},
+                              "group_size": 32}, method="rtn")
+    out = str(tmp_path / "b")
+    export_gptq(model, out, dtype=torch.float32)
+    sd = load_file(os.path.join(out, "model.safetensors"))
+    assert sd["model.layers.0.self_attn.q_proj.bias"].dtype == torch.float16  # as GPTQ stores it
+    ref, _, _ = _float_copy_from_export(out, attention_bias=True)
+    with torch.no_grad():
+        torch.testing.assert_close(ref(IDS).logits, model(IDS).logits, rtol=1e-3, atol=1e-3)
 
 
 def test_model_with_hqq_zeros_is_refused_naming_the_layer_or_folded(tmp_path):
