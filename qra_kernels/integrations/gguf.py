@@ -64,7 +64,7 @@ MARKER = "qra_gguf.json"
 # Bounds what the writer holds besides the tensor being converted (a larger tensor gets a
 # shard of its own).
 DEFAULT_MAX_SHARD_BYTES = 128 * 2**20
-# Rows of a tensor dequantized at once: bounds the numpy temporaries of gguf's dequantizers
+# Elements of a tensor dequantized at once: bounds the numpy temporaries of gguf's dequantizers
 # (several arrays of the chunk's size) to tens of MB whatever the tensor's size.
 _DEQUANT_CHUNK_ELEMENTS = 1 << 22
 _GGUF_MAGIC = b"GGUF"
