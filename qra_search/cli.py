@@ -229,6 +229,26 @@ def _setup(args):
     import torch
     torch.set_num_threads(args.threads)
     warnings.filterwarnings("ignore")
+    bound_heap_growth()
+
+
+def bound_heap_growth() -> None:
+    """Return freed large blocks to the system at once (glibc only; no-op elsewhere).
+
+    The search frees and reallocates layer-sized tensors thousands of times; glibc's default
+    raises its mmap threshold after the first frees, so such blocks are then carved from the
+    heap, fragment it, and the resident set only grows (measured on SmolLM2-135M: +450 MB over
+    three whole-model evaluations, all of it freed memory). A fixed 1 MiB threshold keeps
+    every large block in its own mapping, unmapped when freed. Process-wide, so only the
+    ``qra`` command sets it, never the library."""
+    try:
+        import ctypes
+        libc = ctypes.CDLL("libc.so.6")
+    except OSError:
+        return
+    M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3
+    libc.mallopt(M_MMAP_THRESHOLD, 1 << 20)
+    libc.mallopt(M_TRIM_THRESHOLD, 4 << 20)
 
 
 def cache_dir_of(args) -> str:

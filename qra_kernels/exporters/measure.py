@@ -1,7 +1,7 @@
 """The SmolLM2-135M figures of docs/EXPORT.md: both exports loaded by real loaders.
 
 ``python -m qra_kernels.exporters.measure --config uniform4 --out DIR`` (and ``mixed``):
-quantize SmolLM2-135M (``qra_search.models.load_model()``) with ``rtn`` (integer zeros,
+quantize SmolLM2-135M (``qra_kernels.integrations.gguf.load_gguf``) with ``rtn`` (integer zeros,
 so the GPTQ export is exact) at the configuration's bits, give every layer of rank ``r`` an
 adapter (the top-``r`` singular triplets of its quantization error — a training-free
 stand-in for a fine-tuned adapter that measurably lowers perplexity), then:
@@ -13,7 +13,7 @@ stand-in for a fine-tuned adapter that measurably lowers perplexity), then:
   tensors dequantized back into the transformers model (separates the re-quantization
   loss from llama.cpp's own arithmetic).
 
-Held-out text: ``qra_search.models.calibration_and_heldout`` (CPython docs, odd topics).
+Held-out text: ``qra_kernels.text.calibration_and_heldout`` (CPython docs, odd topics).
 Writes ``DIR/<config>.json``. Needs ``gptqmodel`` and ``llama-cpp-python`` (the ``export``
 extra); run it under the CPU lock — it takes a few minutes on 2 cores.
 """
@@ -129,7 +129,12 @@ def run(config: str, out_dir: str, n_heldout: int = 8, seq_len: int = 256) -> di
     import qra_kernels as qk
     from qra_kernels.exporters import export_gguf, export_gptq
     from qra_kernels.exporters.adapters import linear_layers
-    from qra_search.models import calibration_and_heldout, default_model_path, load_model
+    from qra_kernels.integrations.gguf import default_model_path, load_gguf
+    from qra_kernels.text import calibration_and_heldout
+
+    def load_model():
+        model, tok, _ = load_gguf(default_model_path(), dtype=torch.float32, progress=False)
+        return model.eval(), tok
 
     torch.set_num_threads(2)
     os.makedirs(out_dir, exist_ok=True)

