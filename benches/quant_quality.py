@@ -32,15 +32,18 @@ if ROOT not in sys.path:
     sys.path.insert(0, ROOT)
 
 # GPTQ option sets compared in docs/QUANTIZERS.md ("default" is what quantize_weight uses).
+# Each names only what it changes from the default (act_order="group", group_params="mse",
+# refit=True, damp=0.01).
 VARIANTS = {
     "default": {},
-    "minmax": dict(group_params="minmax", refit=False),
-    "rtn-params": dict(group_params="rtn", refit=False),
-    "mse": dict(group_params="mse", refit=False),
-    "mse+refit": dict(group_params="mse", refit=True),
+    "no-order": dict(act_order=False),
     "act-order": dict(act_order=True),
-    "act-order-minmax": dict(act_order=True, group_params="minmax", refit=False),
-    "damp0.1": dict(damp=0.1),
+    "group-order": dict(act_order="group"),
+    "minmax": dict(group_params="minmax", refit=False),
+    "mse-no-refit": dict(refit=False),
+    "rtn-params": dict(group_params="rtn", refit=False),
+    "damp0.05": dict(damp=0.05),
+    "clip-only": dict(compensate=False),
 }
 
 LICENCES = ("GPL-3", "Apache-2.0", "MPL-2.0", "GFDL-1.3", "Artistic", "CC0-1.0")
@@ -56,6 +59,39 @@ def licence_texts():
     if not out:
         raise SystemExit("no licence texts under /usr/share/common-licenses")
     return out
+
+
+def gptqmodel_weights(model, tok, calib, bits, group_size, workdir, options, batch_size):
+    """Quantize the same float weights with the ``gptqmodel`` package on the same calibration
+    tokens and return ``{layer name: dequantized weight}`` (its own CPU torch path; GPTQ
+    format, asymmetric, ``desc_act=False``, its other defaults unless ``options`` says)."""
+    import torch.nn.functional as F
+    hf = os.path.join(workdir, "float-hf")
+    if not os.path.exists(os.path.join(hf, "config.json")):
+        model.save_pretrained(hf)
+        tok.save_pretrained(hf)
+    # Its CPU thread pool refuses to start on a 2-core machine with the default worker count.
+    os.environ.setdefault("GPTQMODEL_CPU_WORKERS", "2")
+    from gptqmodel import GPTQModel, QuantizeConfig
+    qcfg = QuantizeConfig(bits=bits, group_size=group_size, sym=False, desc_act=False, **options)
+    gm = GPTQModel.load(hf, qcfg, device="cpu", dtype=torch.float32)
+    gm.quantize([{"input_ids": r.tolist(), "attention_mask": [1] * r.numel()} for r in calib],
+                batch_size=batch_size)
+    out = {}
+    x = torch.randn(3, 1)
+    for name, mod in gm.model.named_modules():
+        if not hasattr(mod, "dequantize_weight") or not hasattr(mod, "qweight"):
+            continue
+        w = mod.dequantize_weight().float()
+        x = torch.randn(5, mod.in_features)
+        y = mod(x.to(mod.scales.dtype)).float()
+        # Its layout is [in, out]; check against the module's own forward.
+        cand = w.t() if tuple(w.shape) == (mod.in_features, mod.out_features) else w
+        if not torch.allclose(F.linear(x, cand), y, rtol=2e-2, atol=2e-2 * float(y.abs().max())):
+            cand = w if cand is not w else w.t()
+            assert torch.allclose(F.linear(x, cand), y, rtol=2e-2, atol=2e-2 * float(y.abs().max())), name
+        out[name] = cand.contiguous()
+    return out, {"gptqmodel": __import__("gptqmodel").__version__, "config": repr(qcfg)[:2000]}
 
 
 def main(argv=None):
@@ -75,6 +111,9 @@ def main(argv=None):
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--no-float", action="store_true", help="skip the float row")
     p.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"))
+    p.add_argument("--gptqmodel-options", default="{}", help="JSON of QuantizeConfig options "
+                   "for --methods gptqmodel")
+    p.add_argument("--workdir", default="/tmp/qra-quant-quality")
     p.add_argument("--out", required=True)
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
@@ -130,6 +169,21 @@ def main(argv=None):
                                              pad=w.shape[1] % args.group_size != 0)
                         m.weight.copy_(qw.dequantize(w.dtype))
                 measure({"method": method, "bits": bits, "quantize_s": time.perf_counter() - t})
+                restore()
+                continue
+            if method == "gptqmodel":
+                opts = json.loads(args.gptqmodel_options)
+                t = time.perf_counter()
+                weights, info = gptqmodel_weights(model, tok, calib, bits, args.group_size,
+                                                  args.workdir, opts, args.batch_size)
+                missing = set(linears) - set(weights)
+                if missing:
+                    raise SystemExit(f"gptqmodel did not quantize {sorted(missing)[:3]}")
+                with torch.no_grad():
+                    for n, m in linears.items():
+                        m.weight.copy_(weights[n])
+                measure({"method": "gptqmodel", "bits": bits, "options": opts, **info,
+                         "quantize_s": time.perf_counter() - t})
                 restore()
                 continue
             if method != "gptq":

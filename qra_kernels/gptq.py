@@ -30,6 +30,9 @@ What this implementation adds or chooses, and why (measurements in docs/QUANTIZE
 * **Refit** (``refit=True``): with the codes fixed, each row's scales and zeros are the
   least-squares solution of ``E`` (a ``2·groups``-variable problem per row, solved in
   closed form), kept only where it lowers ``E`` after rounding to the storage dtype.
+* **Compensation** can be switched off (``compensate=False``: only ``diag H`` is used), which
+  leaves an AWQ-style activation-aware clipping search and refit with no error feedback —
+  measured against full GPTQ in docs/QUANTIZERS.md.
 * **Damping**: ``damp`` × mean(diag H) is added to the diagonal; if the Cholesky factorisation
   still fails, the damping is doubled until it succeeds. Columns whose input is always zero
   ("dead", ``H_jj = 0``) get ``H_jj = 1``: their error then costs nothing and propagates
@@ -87,8 +90,8 @@ def check_hessian(hessian, in_features: int, name: str = "hessian") -> torch.Ten
 
 def gptq_quantize(weight: torch.Tensor, hessian: torch.Tensor, bits: int, group_size: int,
                   scale_dtype: torch.dtype, in_features: Optional[int] = None, *,
-                  damp: float = 0.01, block_size: int = 128, act_order: bool = False,
-                  group_params: str = "mse", refit: bool = True
+                  damp: float = 0.01, block_size: int = 128, act_order="group",
+                  group_params: str = "mse", refit: bool = True, compensate: bool = True
                   ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """GPTQ of ``weight [N, Kp]`` (already padded to a multiple of ``group_size``) with the
     checked ``hessian [K, K]`` of its first ``in_features = K`` columns.
@@ -98,6 +101,8 @@ def gptq_quantize(weight: torch.Tensor, hessian: torch.Tensor, bits: int, group_
     :func:`qra_kernels.quantizers.quantize_weight` (``method="gptq"``), which validates and
     pads; the options are documented there and in the module docstring.
     """
+    if act_order not in (False, True, "group"):
+        raise ValueError(f"act_order must be False, True or 'group', got {act_order!r}")
     if group_params not in GROUP_PARAMS:
         raise ValueError(f"group_params must be one of {GROUP_PARAMS}, got {group_params!r}")
     if isinstance(damp, bool) or not isinstance(damp, (int, float)) or not 0 < damp <= 1:
@@ -106,6 +111,13 @@ def gptq_quantize(weight: torch.Tensor, hessian: torch.Tensor, bits: int, group_
         raise ValueError(f"block_size must be a positive int, got {block_size!r}")
     if scale_dtype not in SCALE_DTYPES:
         raise TypeError(f"scale_dtype must be torch.float16 or torch.bfloat16, got {scale_dtype}")
+    if not isinstance(compensate, bool):
+        raise TypeError(f"compensate must be a bool, got {type(compensate).__name__}")
+    if not compensate:
+        # Only the diagonal: no error moves between columns, and what is left is an
+        # activation-aware choice of each group's grid (AWQ-style clipping search weighted
+        # by each input channel's energy) followed by the same weighted refit.
+        hessian = torch.diag(torch.diagonal(hessian))
     n, kp = weight.shape
     k = kp if in_features is None else in_features
     g = group_size
@@ -117,15 +129,22 @@ def gptq_quantize(weight: torch.Tensor, hessian: torch.Tensor, bits: int, group_
     h[:k, :k] = hessian.to(dev, torch.float32)
     dead = torch.diagonal(h) == 0  # includes the padding columns
     h[dead, dead] = 1.0
-    if act_order:
+    if act_order is True:
         # Visit columns by decreasing H_jj (the inputs with the most energy first), so the
         # columns that matter most are quantized while the most freedom is left to
         # compensate them.
         perm = torch.argsort(torch.diagonal(h), descending=True, stable=True)
-        u = _inverse_cholesky(h[perm][:, perm], damp)
+    elif act_order == "group":
+        # Group-aware order (GPTQModel's "GAR"): whole groups by decreasing max H_jj, and
+        # the columns of each group by decreasing H_jj, so each group is still visited in
+        # one contiguous run and its parameters can be chosen at its first column.
+        local = torch.argsort(torch.diagonal(h).view(-1, g), dim=1, descending=True, stable=True)
+        local = local + torch.arange(0, kp, g, device=dev).unsqueeze(1)
+        order = torch.argsort(torch.diagonal(h).view(-1, g).amax(1), descending=True, stable=True)
+        perm = local[order].reshape(-1)
     else:
         perm = torch.arange(kp, device=dev)
-        u = _inverse_cholesky(h, damp)
+    u = _inverse_cholesky(h[perm][:, perm] if act_order else h, damp)
     # Cost of a unit rounding error in column j (GPTQ's (err / U_jj)², original order);
     # dead and padding columns cost nothing.
     d = torch.diagonal(u)
@@ -162,16 +181,15 @@ def _sweep(w_orig, u, perm, col_cost, codes, scales, zeros, g, qmax, block_size,
     n, kp = w_orig.shape
     groups = kp // g
     scale_dtype = scales.dtype
-    if act_order:
+    static = act_order is True
+    if static:
         # Static groups: a group's columns are scattered over the sweep, so every group's
         # parameters are chosen up front, from the original weights.
         s_all, z_all = _group_params(w_orig.view(n, groups, g), col_cost.view(groups, g), qmax,
                                      scale_dtype, group_params)
         scales.copy_(s_all)
         zeros.copy_(z_all)
-        w = w_orig[:, perm].clone()
-    else:
-        w = w_orig.clone()
+    w = w_orig[:, perm] if act_order else w_orig.clone()
 
     # Blocks must hold whole groups, so a group's parameters (chosen at its first column)
     # see its columns with every update from earlier columns applied.
@@ -185,10 +203,12 @@ def _sweep(w_orig, u, perm, col_cost, codes, scales, zeros, g, qmax, block_size,
         for i in range(i2 - i1):
             c = cols_list[i1 + i]
             grp = c // g
-            if not act_order and c % g == 0:
+            if not static and (i1 + i) % g == 0:
+                # Not act-order, or group-aware order: this group's columns are the next g
+                # of the sweep, all with every earlier update applied.
                 s_g, z_g = _group_params(w1[:, i:i + g].unsqueeze(1),
-                                         col_cost[c:c + g].unsqueeze(0), qmax, scale_dtype,
-                                         group_params)
+                                         col_cost[perm[i1 + i:i1 + i + g]].unsqueeze(0), qmax,
+                                         scale_dtype, group_params)
                 scales[:, grp] = s_g[:, 0]
                 zeros[:, grp] = z_g[:, 0]
             s = scales[:, grp].float()

@@ -61,7 +61,8 @@ def test_never_worse_than_rtn_in_hessian_error(bits, group_size):
     w = weight(48, k)
     e_rtn = hessian_error(w, qk.quantize_weight(w, bits, group_size, "rtn").dequantize(), h)
     e_hqq = hessian_error(w, qk.quantize_weight(w, bits, group_size, "hqq").dequantize(), h)
-    for opts in ({}, dict(act_order=True), dict(group_params="minmax", refit=False),
+    for opts in ({}, dict(act_order=True), dict(act_order="group"),
+                 dict(group_params="minmax", refit=False),
                  dict(group_params="rtn", refit=False)):
         qw = qk.quantize_weight(w, bits, group_size, "gptq", h, **opts)
         e = hessian_error(w, qw.dequantize(), h)
@@ -74,7 +75,7 @@ def test_never_worse_than_rtn_in_hessian_error(bits, group_size):
                          h) < 0.7 * e_rtn
 
 
-@pytest.mark.parametrize("act_order", [False, True])
+@pytest.mark.parametrize("act_order", [False, True, "group"])
 @pytest.mark.parametrize("bits", BITS)
 def test_identity_hessian_is_rtn(bits, act_order):
     # With H = I no error can be compensated (the inverse is diagonal), so GPTQ with RTN's
@@ -99,13 +100,25 @@ def test_diagonal_hessian_is_rtn_with_the_same_group_params(group_params):
     assert torch.equal(qw.codes().long(), want.long())
 
 
-@pytest.mark.parametrize("act_order", [False, True])
+def visiting_order(h, g, act_order):
+    d = torch.diagonal(h).tolist()
+    k = len(d)
+    if act_order is True:
+        return sorted(range(k), key=lambda j: (-d[j], j))
+    if act_order == "group":
+        groups = sorted(range(k // g), key=lambda r: (-max(d[r * g:(r + 1) * g]), r))
+        return [j for r in groups for j in sorted(range(r * g, (r + 1) * g), key=lambda j: (-d[j], j))]
+    return list(range(k))
+
+
+@pytest.mark.parametrize("act_order", [False, True, "group"])
 @pytest.mark.parametrize("bits", [2, 4])
 def test_matches_textbook_gptq(bits, act_order):
     # The blocked, lazily updated, Cholesky-based sweep equals the column-by-column
     # definition given the same group parameters (act-order: visiting columns by decreasing
-    # H_jj, codes stored back in the original order). Block size 32 < K exercises the lazy
-    # updates across blocks.
+    # H_jj; group-aware: groups by decreasing max H_jj, columns within by decreasing H_jj;
+    # codes stored back in the original order). Block size 32 < K exercises the lazy updates
+    # across blocks.
     k, g = 192, 32
     h = correlated_hessian(k, seed=3)
     w = weight(12, k, seed=4)
@@ -113,8 +126,7 @@ def test_matches_textbook_gptq(bits, act_order):
                             block_size=32)
     hd = h.clone()
     hd[5, 5] = 1  # the dead column, as the implementation treats it
-    order = (torch.argsort(torch.diagonal(hd), descending=True, stable=True).tolist()
-             if act_order else list(range(k)))
+    order = visiting_order(hd, g, act_order)
     want = textbook_gptq(w, h, qw.scales.float(), qw.zeros.float(), g, order, 2 ** bits - 1)
     got = qw.codes().long()
     # fp32 vs fp64: a near-tie may round the other way, after which that row's later
@@ -260,6 +272,7 @@ def test_chunking_does_not_change_results(monkeypatch):
     (dict(damp=0.0), ValueError, "damp"),
     (dict(damp=2.0), ValueError, "damp"),
     (dict(block_size=0), ValueError, "block_size"),
+    (dict(act_order="yes"), ValueError, "act_order"),
     (dict(bogus=1), TypeError, "bogus"),
     (dict(method="rtn"), ValueError, "hessian is only used by method='gptq'"),
     (dict(method="hqq"), ValueError, "hessian is only used by method='gptq'"),
