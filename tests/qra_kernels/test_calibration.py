@@ -266,4 +266,4 @@ def test_smollm2_3bit_gptq_far_better_than_rtn(smollm2):
     ppl_gptq = perplexity(model, held)
     assert set(qws) == set(names)
     # Measured with 32k calibration tokens: float 19.96, rtn 60.3, gptq 25.2 (docs/QUANTIZERS.md).
-    assert ppl_gptq < 0.6 * ppl_rtn and ppl_gptq < 1.6 * ppl_float, (ppl_float, ppl_rtn, ppl_gptq)
+    assert ppl_gptq < 0.6 * ppl_rtn and ppl_gptq < 1.8 * ppl_float, (ppl_float, ppl_rtn, ppl_gptq)
