@@ -284,3 +284,24 @@ def test_bad_input(kwargs, exc, match):
     args.update(kwargs)
     with pytest.raises(exc, match=match):
         qk.quantize_weight(args.pop("weight"), args.pop("bits"), **args)
+
+
+def test_compensate_false_is_activation_weighted_rounding():
+    # No error feedback: every code is the nearest on its group's grid, and the grid choice
+    # (clipping weighted by each input's energy) still beats plain RTN in the layer's error;
+    # full GPTQ beats both.
+    k = 256
+    h = correlated_hessian(k)
+    w = weight(32, k)
+    # (Without the refit, which moves the grid after the codes are chosen.)
+    plain = qk.quantize_weight(w, 3, 64, "gptq", h, compensate=False, refit=False)
+    s = plain.scales.float().t().repeat_interleave(64, 1)
+    z = plain.zeros.float().t().repeat_interleave(64, 1)
+    assert torch.equal(plain.codes().long(), torch.round(w / s + z).clamp(0, 7).long())
+    qw = qk.quantize_weight(w, 3, 64, "gptq", h, compensate=False)
+    e_clip = hessian_error(w, qw.dequantize(), h)
+    e_rtn = hessian_error(w, qk.quantize_weight(w, 3, 64, "rtn").dequantize(), h)
+    e_gptq = hessian_error(w, qk.quantize_weight(w, 3, 64, "gptq", h).dequantize(), h)
+    assert e_gptq < e_clip < e_rtn
+    with pytest.raises(TypeError, match="compensate"):
+        qk.quantize_weight(w, 3, 64, "gptq", h, compensate=1)
