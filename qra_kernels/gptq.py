@@ -14,13 +14,16 @@ as one matrix product per block.
 What this implementation adds or chooses, and why (measurements in docs/QUANTIZERS.md):
 
 * **Our format has no ``g_idx``** — codes are stored in the original column order and every
-  group of ``group_size`` consecutive input columns has one (scale, zero). Groups are
-  therefore *static* in the sense that each group's parameters are fixed before any of its
-  columns is quantized. Without act-order they are chosen when the sweep reaches the group's
-  first column, from the weights as GPTQ has updated them so far (the whole group lies in
-  the current block, so it is up to date). With act-order (columns visited by decreasing
-  ``H_jj``) the columns of one group are scattered over the sweep, so the parameters of all
-  groups are chosen up front from the original weights (GPTQ's ``static_groups``).
+  group of ``group_size`` consecutive input columns has one (scale, zero). Each group's
+  parameters are therefore fixed before any of its columns is quantized. ``act_order``:
+  ``False`` visits columns in order and chooses a group's parameters at its first column,
+  from the weights as GPTQ has updated them so far (the whole group lies in the current
+  block, so it is up to date); ``"group"`` (default; GPTQModel's group-aware reordering)
+  visits whole groups by decreasing max ``H_jj`` and the columns inside each by decreasing
+  ``H_jj``, so a group is still one contiguous run and its parameters are still chosen from
+  the updated weights; ``True`` (``desc_act``) visits all columns by decreasing ``H_jj``, so
+  a group's columns are scattered over the sweep and all parameters are chosen up front from
+  the original weights (GPTQ's ``static_groups``).
 * **The zero is a float** (fp16/bf16) in our format, not an integer, so a group's grid can
   sit exactly on its range. ``group_params`` picks how each group's (scale, zero) is chosen:
   ``"minmax"`` (the exact range), ``"mse"`` (a grid of centred clipped ranges, each error
