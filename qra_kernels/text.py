@@ -116,3 +116,24 @@ def calibration_and_heldout(tokenizer, seq_len: int = 256, n_calib: int = 16,
     calib = token_blocks(tokenizer, texts[0::2], seq_len, n_calib)
     held = token_blocks(tokenizer, texts[1::2], seq_len, n_heldout)
     return calib, held
+
+
+def calibration_tokens(calibration, tokenizer=None, seq_len: int = 128,
+                       n_blocks: int = 8) -> torch.Tensor:
+    """Token blocks ``[n, seq_len]`` from a LongTensor, a list of token-id lists, or texts."""
+    if isinstance(calibration, torch.Tensor):
+        t = calibration
+        if t.dim() == 1:
+            t = t[: (t.numel() // seq_len) * seq_len].view(-1, seq_len)
+        if t.dim() != 2 or t.dtype != torch.long or t.shape[0] == 0 or t.shape[1] < 2:
+            raise ValueError("calibration tokens must be a non-empty LongTensor [n_blocks, seq_len]")
+        return t
+    if isinstance(calibration, (list, tuple)) and calibration:
+        if all(isinstance(x, str) for x in calibration):
+            if tokenizer is None:
+                raise ValueError("calibration texts need tokenizer=...")
+            return token_blocks(tokenizer, calibration, seq_len, n_blocks)
+        if all(isinstance(x, (list, tuple)) for x in calibration):
+            ids = [int(i) for x in calibration for i in x]
+            return calibration_tokens(torch.tensor(ids, dtype=torch.long), None, seq_len)
+    raise ValueError("calibration must be token ids (LongTensor or lists of ints) or a list of texts")

@@ -76,6 +76,8 @@ def build_parser() -> Parser:
     p.add_argument("--proxy-top", type=int, default=1)
     p.add_argument("--proxy-steps", type=int, default=8)
     p.add_argument("--calib-blocks", type=positive(int), default=4)
+    p.add_argument("--hessian-blocks", type=positive(int), default=128,
+                   help="with --method gptq: calibration blocks for its Hessians")
     p.add_argument("--randoms", type=int, default=3, help="random allocations per budget")
     p.add_argument("--only", type=str_list("--only"), default=None,
                    help="run only these rows, as budget:variant:seed (e.g. 4.0:searched:0)")
@@ -208,7 +210,7 @@ def main(argv=None) -> int:
     from .costs import CostModel
     from .evaluate import Evaluator, layer_groups
     from .genes import Budget, GeneSpace
-    from .models import calibration_and_heldout, corpus, load_model, token_blocks
+    from .models import corpus, load_model, search_calibration, token_blocks
     from .search import run_search
     from .store import quant_store
     from qra_kernels.allocation import linear_shapes
@@ -222,7 +224,6 @@ def main(argv=None) -> int:
 
     t0 = time.perf_counter()
     model, tok = load_model(args.model)
-    calib, _ = calibration_and_heldout(tok, args.seq_len, args.calib_blocks, 1)
     ft_texts = corpus(args.finetune_corpus, args.finetune_documents)
     n_ft_tokens = sum(len(tok(t, add_special_tokens=False)["input_ids"]) + 1 for t in ft_texts)
     n_ft_blocks = n_ft_tokens // args.seq_len
@@ -248,10 +249,11 @@ def main(argv=None) -> int:
                               method=args.method, evaluations=args.evaluations,
                               refine_steps=args.refine_steps, proxy_top=args.proxy_top,
                               proxy_steps=args.proxy_steps, seq_len=args.seq_len,
-                              n_blocks=args.calib_blocks)
+                              n_blocks=args.calib_blocks, hessian_blocks=args.hessian_blocks)
         archive = os.path.join(args.out, f"archive-{key}.jsonl")
+        calib, hessian = search_calibration(tok, config)
         result = run_search(model, calib, config=config, archive=archive, resume=True,
-                            cache_dir=cache_dir, progress=True)
+                            cache_dir=cache_dir, progress=True, hessian_calibration=hessian)
         target = result.budget["memory_bytes"]
         space = GeneSpace(groups, bits, ranks, costs, Budget(target, None), result.sensitivity)
         group_of = {n: g for g, ns in groups.items() for n in ns}
@@ -271,7 +273,7 @@ def main(argv=None) -> int:
                                                 "config": {g: list(o) for g, o in c.items()}}
                                             for v, c in variants.items()}, **setup})
         store = quant_store(model, shapes, group_size=64, method=args.method,
-                            cache_dir=cache_dir, max_rank=max(ranks))
+                            cache_dir=cache_dir, max_rank=max(ranks), hessian_tokens=hessian)
         n_valid = max(1, calib.shape[0] // 4)
         ev = Evaluator(model, store, calib[:-n_valid], calib[-n_valid:])
         for variant, cfg in variants.items():

@@ -178,3 +178,20 @@ def test_calibration_from_texts_or_id_lists(make_tokenizer):
         tokens_from(["some text"])
     with pytest.raises(ValueError, match="calibration"):
         tokens_from(42)
+
+
+def test_search_with_gptq_hessians_from_more_calibration(model, tokens, tmp_path):
+    """GPTQ in the search: Hessians measured once (float inputs) on their own calibration
+    blocks, cached on disk, and the archive header records which tokens they came from."""
+    import torch
+    hess = torch.randint(0, 256, (12, 32), generator=torch.Generator().manual_seed(5))
+    kw = {**KW, "method": "gptq", "evaluations": 4, "refine_steps": 1}
+    r = run_search(model, tokens, 3.5, cache_dir=str(tmp_path), hessian_calibration=hess,
+                   archive=str(tmp_path / "g.jsonl"), **kw)
+    assert r.best.method == "gptq" and r.best.memory_bytes <= r.budget["memory_bytes"]
+    header = json.loads(open(tmp_path / "g.jsonl").readline())["header"]
+    assert header["method"] == "gptq" and "hessian_tokens" in header
+    assert list((tmp_path / "hessians").iterdir())
+    with pytest.raises(ValueError, match="different search"):  # other Hessian tokens
+        run_search(model, tokens, 3.5, cache_dir=str(tmp_path), hessian_calibration=hess[:6],
+                   archive=str(tmp_path / "g.jsonl"), resume=True, **kw)
