@@ -78,6 +78,9 @@ def _add_search_options(p, demo: bool = False):
                    help="candidates that get the proxy fine-tune (costly fidelity)")
     e.add_argument("--proxy-steps", type=int, default=8 if demo else 10,
                    help="Adam steps of each proxy fine-tune (one calibration block a step)")
+    e.add_argument("--proxy-blocks", type=int, default=0,
+                   help="calibration blocks the proxy fine-tune trains on, disjoint from the "
+                        "KL blocks (default 0: it trains on the KL blocks)")
     e.add_argument("--calib-blocks", type=positive(int), default=4 if demo else 8,
                    help="calibration blocks (a quarter of them validate the proxy fine-tune)")
     e.add_argument("--seq-len", type=positive(int), default=128,
@@ -225,7 +228,8 @@ def search_config(args):
         group_size=args.group_size, method=args.method, seed=args.seed,
         evaluations=args.evaluations, popsize=args.popsize, refine_steps=args.refine_steps,
         proxy_top=args.proxy_top, proxy_steps=args.proxy_steps, seq_len=args.seq_len,
-        n_blocks=args.calib_blocks, hessian_blocks=args.hessian_blocks)
+        n_blocks=args.calib_blocks, hessian_blocks=args.hessian_blocks,
+        proxy_blocks=args.proxy_blocks)
 
 
 # --- helpers --------------------------------------------------------------------------------

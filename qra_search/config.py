@@ -21,7 +21,7 @@ METHODS = ("recommended", "rtn", "hqq", "gptq")
 # the evaluations it holds stay valid and are reused; that is how a finished search is
 # extended with more evaluations.
 IDENTITY_FIELDS = ("group_size", "method", "lora_init", "proxy_steps", "proxy_lr", "seed",
-                   "seq_len", "hessian_blocks")
+                   "seq_len", "hessian_blocks", "proxy_blocks")
 
 
 @dataclass(frozen=True)
@@ -49,6 +49,10 @@ class SearchConfig:
     proxy_top: int = 2
     proxy_steps: int = 10
     proxy_lr: float = 5e-4
+    # Blocks the proxy fine-tune trains on, beyond (and disjoint from) the KL blocks; 0: it
+    # trains on the KL blocks themselves (a few blocks: it measures memorisation as much as
+    # learning).
+    proxy_blocks: int = 0
     # --- calibration data (texts → blocks) -------------------------------------------------
     seq_len: int = 128
     n_blocks: int = 8
@@ -110,7 +114,7 @@ class SearchConfig:
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, int) or v < 1:
                 raise ValueError(f"{name} must be a positive int, got {v!r}")
-        for name in ("refine_steps", "proxy_top", "proxy_steps", "seed"):
+        for name in ("refine_steps", "proxy_top", "proxy_steps", "seed", "proxy_blocks"):
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, int) or v < 0:
                 raise ValueError(f"{name} must be an int >= 0, got {v!r}")

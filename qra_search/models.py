@@ -80,11 +80,13 @@ def perplexity(model, blocks: torch.Tensor, batch_size: int = 4) -> float:
 
 def search_calibration(tokenizer, config) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
     """The calibration blocks a search with ``config`` (a
-    :class:`~qra_search.config.SearchConfig`) scores on, and — if it quantizes with GPTQ —
+    :class:`~qra_search.config.SearchConfig`) scores on (the KL blocks, then the proxy
+    fine-tune's own blocks), and — if it quantizes with GPTQ —
     the blocks its Hessians are measured on, both from the CLI's calibration text (CPython's
     documentation, even topics). One function so that ``qra search``, ``qra quantize`` and
     ``qra demo`` measure the same Hessians and read the same quantized entries."""
-    n = max(config.n_blocks, config.hessian_blocks if config.uses_gptq else 0)
+    n_search = config.n_blocks + config.proxy_blocks  # KL blocks, then proxy training blocks
+    n = max(n_search, config.hessian_blocks if config.uses_gptq else 0)
     blocks, _ = calibration_and_heldout(tokenizer, config.seq_len, n, 1)
     hessian = blocks[:config.hessian_blocks] if config.uses_gptq else None
-    return blocks[:config.n_blocks], hessian
+    return blocks[:n_search], hessian

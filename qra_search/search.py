@@ -102,7 +102,15 @@ def run_search(model, calibration, budget_bits=_UNSET, *, config: Optional[Searc
     config = SearchConfig.from_kwargs(config, **settings)
     clock = StageClock()
 
-    tokens = tokens_from(calibration, tokenizer, config.seq_len, config.n_blocks)
+    tokens = tokens_from(calibration, tokenizer, config.seq_len,
+                         config.n_blocks + config.proxy_blocks)
+    proxy_train = None
+    if config.proxy_blocks:
+        if tokens.shape[0] < config.n_blocks + config.proxy_blocks:
+            raise ValueError(f"proxy_blocks={config.proxy_blocks} needs {config.n_blocks} + "
+                             f"{config.proxy_blocks} calibration blocks, got {tokens.shape[0]}")
+        proxy_train = tokens[config.n_blocks:config.n_blocks + config.proxy_blocks]
+        tokens = tokens[:config.n_blocks]
     n_valid = max(1, tokens.shape[0] // 4) if tokens.shape[0] >= 2 else 0
     calib, valid = (tokens[:-n_valid], tokens[-n_valid:]) if n_valid else (tokens, tokens)
     shapes = linear_shapes(model)
@@ -159,6 +167,8 @@ def run_search(model, calibration, budget_bits=_UNSET, *, config: Optional[Searc
                         hessian_tokens=hessian_tokens, progress=progress)
     header = {"model": store.floats.fingerprint, "tokens": _tokens_fingerprint(tokens),
               **config.identity()}
+    if proxy_train is not None:
+        header["proxy_tokens"] = _tokens_fingerprint(proxy_train)
     if hessian_tokens is not None:
         header["hessian_tokens"] = _tokens_fingerprint(hessian_tokens)
     arch = Archive(archive, header, resume=resume)
@@ -242,7 +252,7 @@ def run_search(model, calibration, budget_bits=_UNSET, *, config: Optional[Searc
         feasible = sorted((r for r in visited.values() if space.feasible(_cfg(r))),
                           key=lambda r: (r["quality"], r["key"]))
         finalists = [_cfg(r) for r in feasible[:max(1, config.proxy_top)]]
-        for cfg in plastic:
+        for cfg in [seeds[0]] + plastic:  # the greedy seed competes too
             if space.key(cfg) not in {space.key(c) for c in finalists}:
                 finalists.append(cfg)
         bb = config.budget_bits
@@ -258,9 +268,9 @@ def run_search(model, calibration, budget_bits=_UNSET, *, config: Optional[Searc
                 if rec is None:
                     counts["proxy"] += 1
                     t = time.perf_counter()
-                    loss = ev.proxy_finetune(space.layers(cfg), config.proxy_steps,
-                                             config.proxy_lr, seed=config.seed,
-                                             progress=progress)
+                    loss = ev.finetune(space.layers(cfg), config.proxy_steps, config.proxy_lr,
+                                       seed=config.seed, train_tokens=proxy_train,
+                                       progress=progress)
                     rec = record(cfg, "proxy", "proxy", loss, time.perf_counter() - t)
                 else:
                     counts["reused"] += 1

@@ -126,7 +126,7 @@ def test_a_search_killed_in_each_stage_resumes_to_the_same_result(tokens, tmp_pa
              "sensitivity": (evaluate.Evaluator, "kl", 3),
              "exploration": (evaluate.Evaluator, "kl", 14),
              "refinement": (evaluate.Evaluator, "kl", None),
-             "proxy": (evaluate.Evaluator, "proxy_finetune", 1)}
+             "proxy": (evaluate.Evaluator, "finetune", 1)}
     n_kl_before_gp = 8 + full.evaluations["cheap"] - KW["refine_steps"]
     for stage, (cls, meth, after) in cases.items():
         if after is None:
@@ -195,3 +195,17 @@ def test_search_with_gptq_hessians_from_more_calibration(model, tokens, tmp_path
     with pytest.raises(ValueError, match="different search"):  # other Hessian tokens
         run_search(model, tokens, 3.5, cache_dir=str(tmp_path), hessian_calibration=hess[:6],
                    archive=str(tmp_path / "g.jsonl"), resume=True, **kw)
+
+
+def test_proxy_trains_on_its_own_blocks(model, tmp_path):
+    """proxy_blocks: the proxy fine-tune trains on calibration blocks disjoint from the KL
+    blocks; too few blocks for them is a clear error."""
+    import torch
+    blocks = torch.randint(0, 256, (7, 32), generator=torch.Generator().manual_seed(8))
+    kw = {**KW, "evaluations": 4, "refine_steps": 0, "n_blocks": 4}
+    r = run_search(model, blocks, 3.5, proxy_blocks=3, archive=str(tmp_path / "p.jsonl"), **kw)
+    assert r.evaluations["proxy"] >= 1
+    header = json.loads(open(tmp_path / "p.jsonl").readline())["header"]
+    assert header["proxy_blocks"] == 3 and "proxy_tokens" in header
+    with pytest.raises(ValueError, match="proxy_blocks=5"):
+        run_search(model, blocks, 3.5, proxy_blocks=5, **kw)
