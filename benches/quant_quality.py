@@ -71,7 +71,10 @@ def gptqmodel_weights(model, tok, calib, bits, group_size, workdir, options, bat
     # Its CPU thread pool refuses to start on a 2-core machine with the default worker count.
     os.environ.setdefault("GPTQMODEL_CPU_WORKERS", "2")
     from gptqmodel import GPTQModel, QuantizeConfig
-    qcfg = QuantizeConfig(bits=bits, group_size=group_size, sym=False, desc_act=False, **options)
+    # Weights kept in memory: by default 7.6 offloads each finished layer to disk and leaves
+    # meta tensors behind, which cannot be read back here.
+    qcfg = QuantizeConfig(bits=bits, group_size=group_size, sym=False,
+                          **{"desc_act": False, "offload_to_disk": False, **options})
     gm = GPTQModel.load(hf, qcfg, device="cpu", dtype=torch.float32)
     gm.quantize([{"input_ids": r.tolist(), "attention_mask": [1] * r.numel()} for r in calib],
                 batch_size=batch_size)

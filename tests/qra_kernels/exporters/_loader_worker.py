@@ -43,9 +43,24 @@ def _transformers(job):
         return {"logits": model(job["ids"]).logits.float()}
 
 
+def _plain(value):
+    """Only builtins go back to the test, whose process has no gptqmodel to unpickle its
+    types with (enums become their values)."""
+    import enum
+    if isinstance(value, enum.Enum):
+        return _plain(value.value)
+    if isinstance(value, dict):
+        return {_plain(k): _plain(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return type(value)(_plain(v) for v in value)
+    if isinstance(value, (str, int, float, bool, type(None), torch.Tensor)):
+        return value
+    return str(value)
+
+
 def _quantize_config(job):
     from gptqmodel.quantization.config import QuantizeConfig
-    return {"config": QuantizeConfig(**job["kwargs"]).to_dict()}
+    return {"config": _plain(QuantizeConfig(**job["kwargs"]).to_dict())}
 
 
 def main(root):
@@ -60,7 +75,7 @@ def main(root):
            "quantize_config": _quantize_config}
     for name, job in jobs.items():
         try:
-            results[name] = run[job["kind"]](job)
+            results[name] = _plain(run[job["kind"]](job))
         except Exception as e:  # noqa: BLE001 - reported to the test, which decides
             results[name] = {"error": f"{type(e).__name__}: {e}"}
     torch.save(results, os.path.join(root, "results.pt"))
