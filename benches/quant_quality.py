@@ -21,6 +21,7 @@ import argparse
 import json
 import os
 import platform
+import statistics
 import sys
 import time
 
@@ -62,8 +63,10 @@ def licence_texts():
 
 def gptqmodel_weights(model, tok, calib, bits, group_size, workdir, options, batch_size):
     """Quantize the same float weights with the ``gptqmodel`` package on the same calibration
-    tokens and return ``{layer name: dequantized weight}`` (its own CPU torch path; GPTQ
-    format, asymmetric, ``desc_act=False``, its other defaults unless ``options`` says)."""
+    tokens (its own CPU torch path; GPTQ format, asymmetric, ``desc_act=False``, its other
+    defaults unless ``options`` says) and return its quantized model, which is evaluated
+    through gptqmodel's own forward (its kernels, not our reading of its packing), and the
+    relative error of each layer's ``dequantize_weight()`` against the float weight."""
     hf = os.path.join(workdir, "float-hf")
     if not os.path.exists(os.path.join(hf, "config.json")):
         model.save_pretrained(hf)
@@ -78,7 +81,7 @@ def gptqmodel_weights(model, tok, calib, bits, group_size, workdir, options, bat
     gm = GPTQModel.load(hf, qcfg, device="cpu", dtype=torch.float32)
     gm.quantize([{"input_ids": r.tolist(), "attention_mask": [1] * r.numel()} for r in calib],
                 batch_size=batch_size)
-    out = {}
+    rel = {}
     float_w = {n: m.weight.detach() for n, m in model.named_modules()
                if isinstance(m, torch.nn.Linear)}
     for name, mod in gm.model.named_modules():
@@ -87,14 +90,13 @@ def gptqmodel_weights(model, tok, calib, bits, group_size, workdir, options, bat
         w = mod.dequantize_weight().detach().float().cpu()
         ref = float_w[name].float()
         # Its layout is [in, out] (GPTQ's qweight); square layers are ambiguous by shape, so
-        # take the orientation that is close to the float weight.
+        # take the orientation that is closer to the float weight.
         cands = [c for c in (w, w.t()) if tuple(c.shape) == tuple(ref.shape)]
-        best = min(cands, key=lambda c: float((c - ref).norm()))
-        rel = float((best - ref).norm() / ref.norm())
-        if rel > 0.5:
-            raise SystemExit(f"gptqmodel's {name} is far from the float weight ({rel:.2f})")
-        out[name] = best.contiguous()
-    return out, {"gptqmodel": __import__("gptqmodel").__version__, "config": repr(qcfg)[:2000]}
+        rel[name] = min(float((c - ref).norm() / ref.norm()) for c in cands)
+    info = {"gptqmodel": __import__("gptqmodel").__version__, "config": repr(qcfg)[:2000],
+            "dequant_rel_err_median": statistics.median(rel.values()) if rel else None,
+            "dequant_rel_err_max": max(rel.values()) if rel else None}
+    return gm.model.eval(), rel, info
 
 
 def main(argv=None):
@@ -142,10 +144,11 @@ def main(argv=None):
     print(f"model loaded in {load_s:.0f}s; {len(linears)} projections; calibration "
           f"{calib.numel()} tokens", flush=True)
 
-    def measure(row):
+    def measure(row, evaluated=None):
+        evaluated = model if evaluated is None else evaluated
         t = time.perf_counter()
-        row["ppl_pydoc"] = perplexity(model, held, args.batch_size)
-        row["ppl_licences"] = perplexity(model, other, args.batch_size)
+        row["ppl_pydoc"] = perplexity(evaluated, held, args.batch_size)
+        row["ppl_licences"] = perplexity(evaluated, other, args.batch_size)
         row["eval_s"] = time.perf_counter() - t
         row.update(common)
         with open(args.out, "a") as f:
@@ -177,16 +180,14 @@ def main(argv=None):
             if method == "gptqmodel":
                 opts = json.loads(args.gptqmodel_options)
                 t = time.perf_counter()
-                weights, info = gptqmodel_weights(model, tok, calib, bits, args.group_size,
-                                                  args.workdir, opts, args.batch_size)
-                missing = set(linears) - set(weights)
+                qmodel, rel, info = gptqmodel_weights(model, tok, calib, bits, args.group_size,
+                                                      args.workdir, opts, args.batch_size)
+                missing = set(linears) - set(rel)
                 if missing:
                     raise SystemExit(f"gptqmodel did not quantize {sorted(missing)[:3]}")
-                with torch.no_grad():
-                    for n, m in linears.items():
-                        m.weight.copy_(weights[n])
                 measure({"method": "gptqmodel", "bits": bits, "options": opts, **info,
-                         "quantize_s": time.perf_counter() - t})
+                         "quantize_s": time.perf_counter() - t}, qmodel)
+                del qmodel
                 restore()
                 continue
             if method != "gptq":
