@@ -28,6 +28,7 @@ from typing import Dict, Iterable, List, Mapping, Optional, Sequence, Tuple
 
 import torch
 import torch.nn.functional as F
+import torch.utils.checkpoint
 from torch import nn
 
 from qra_kernels.modules import is_conv1d, quantizable_layers
@@ -39,6 +40,11 @@ Config = Mapping[str, Tuple[int, int]]  # {layer name: (bits, rank)}
 # Largest logits tensor one KL batch may make (fp32): a 262k vocabulary (Gemma 3) at 127
 # positions is 133 MB per block, so such models go one block at a time.
 _LOGITS_BUDGET_BYTES = 160 << 20
+# Where the model's body and head are known, the head (and the softmax, KL or cross-entropy
+# after it) runs over this many bytes of fp32 logits at a time: the whole [tokens, vocab]
+# logits tensor and its log-softmax copies are never made. On SmolLM2-135M they were the
+# search's largest transient (3 × 75 MB per KL pass); on Gemma 3 (262k vocabulary) 0.5 GB.
+_HEAD_CHUNK_BYTES = 16 << 20
 
 _BLOCK_RE = re.compile(r"^(.*\.layers\.\d+)\.")
 
@@ -109,14 +115,20 @@ class Evaluator:
         # when small; for a large vocabulary only the last hidden states are kept and the
         # reference is recomputed batch by batch (exact, at the cost of one more head pass).
         self._store_ref = per_block * calib.shape[0] <= 2 * _LOGITS_BUDGET_BYTES
+        if self._blocks is not None and not self._head_matches_model(calib[:1, :17]):
+            self._blocks = None  # e.g. a logit scale after the head: use the whole forward
         with torch.no_grad():
             self._ref, self._block_inputs = [], []
             for b in self._batches(calib):
-                logits, inputs, last = self._capture(b)
-                self._ref.append(logits.log_softmax(-1) if self._store_ref or last is None
-                                 else last)
+                inputs, last = self._capture(b)
+                if last is None:  # body unknown: whole logits
+                    self._ref.append(self._logits(b).log_softmax(-1))
+                elif self._store_ref:
+                    self._ref.append(torch.cat([c.log_softmax(-1) for c in self._head_chunks(last)])
+                                     .view(b.shape[0], b.shape[1] - 1, -1))
+                else:
+                    self._ref.append(last)
                 self._block_inputs.append(inputs)
-                del logits
 
     # --- weights -------------------------------------------------------------------------
     def apply(self, config: Config) -> None:
@@ -150,38 +162,36 @@ class Evaluator:
         return self.model(ids, use_cache=False).logits[:, :-1].float()
 
     def _capture(self, ids: torch.Tensor):
-        """Float logits, each decoder block's input (hidden states, keyword arguments) so
-        that a pass where blocks ``< i`` are unchanged can start at block ``i``, and the
-        input of the output head."""
+        """Each decoder block's input (hidden states, keyword arguments) on the float model,
+        so that a pass where blocks ``< i`` are unchanged can start at block ``i``, and the
+        input of the output head (``None, None`` where the body is not known)."""
         if self._blocks is None:
-            return self._logits(ids), None, None
-        inputs, hooks, last = [], [], []
+            return None, None
+        inputs, hooks = [], []
 
         def pre(module, args, kwargs):
             inputs.append((args[0].detach() if args else kwargs["hidden_states"].detach(),
                            {k: v for k, v in kwargs.items() if k != "hidden_states"}))
-
-        def head_in(module, args):
-            last.append(args[0].detach())
         for blk in self._blocks[0]:
             hooks.append(blk.register_forward_pre_hook(pre, with_kwargs=True))
-        hooks.append(self._blocks[2].register_forward_pre_hook(head_in))
         try:
-            logits = self._logits(ids)
+            last = self._head_input(ids)
         finally:
             for h in hooks:
                 h.remove()
-        return logits, inputs, last[0] if last else None
+        return inputs, last.detach()
 
-    def _reference(self, i: int) -> torch.Tensor:
-        """Float log-probabilities of calibration batch ``i``."""
-        if self._store_ref:
-            return self._ref[i]
-        return self._head_logits(self._ref[i]).log_softmax(-1)
+    def _head_input(self, ids: torch.Tensor) -> torch.Tensor:
+        """The output head's input ``[b, T, d]``: the model's own body (its final norm
+        included), as its ``forward`` computes it before the head."""
+        self.n_forward += 1
+        out = self.model.model(input_ids=ids, use_cache=False)
+        return out.last_hidden_state if hasattr(out, "last_hidden_state") else out[0]
 
     def _head_logits(self, h: torch.Tensor) -> torch.Tensor:
-        """The output head on the head's input, as the model's own forward applies it."""
-        logits = self._blocks[2](h)[:, :-1].float()
+        """The output head on rows of the head's input, as the model's own forward applies
+        it (fp32)."""
+        logits = self._blocks[2](h).float()
         cfg = getattr(self.model, "config", None)
         cap = getattr(cfg.get_text_config() if hasattr(cfg, "get_text_config") else cfg,
                       "final_logit_softcapping", None)
@@ -189,14 +199,77 @@ class Evaluator:
             logits = torch.tanh(logits / cap) * cap
         return logits
 
-    def _logits_from(self, start: int, inputs) -> torch.Tensor:
+    @torch.no_grad()
+    def _head_matches_model(self, ids: torch.Tensor) -> bool:
+        """Whether body → head (→ soft-capping) reproduces the model's own logits, so the
+        chunked head may stand in for its forward (checked once, on a few positions)."""
+        want = self.model(ids, use_cache=False).logits[:, :-1].float()
+        got = self._head_logits(self._head_input(ids)[:, :-1])
+        self.n_forward = 0
+        return got.shape == want.shape and bool(
+            (got - want).abs().max() <= 1e-4 * max(1.0, float(want.abs().max())))
+
+    def _head_rows(self) -> int:
+        return max(1, _HEAD_CHUNK_BYTES // (4 * _vocab_size(self.model)))
+
+    def _head_chunks(self, h: torch.Tensor):
+        """The head's logits of every predicting position of ``h [b, T, d]`` (all but the
+        last), ``_head_rows()`` positions at a time, in row-major order."""
+        rows = h[:, :-1].reshape(-1, h.shape[-1])
+        step = self._head_rows()
+        for s in range(0, rows.shape[0], step):
+            yield self._head_logits(rows[s:s + step])
+
+    def _reference_chunks(self, i: int):
+        """Float log-probabilities of calibration batch ``i``, in ``_head_chunks`` order."""
+        if not self._store_ref:
+            for c in self._head_chunks(self._ref[i]):
+                yield c.log_softmax(-1)
+            return
+        ref = self._ref[i].view(-1, self._ref[i].shape[-1])
+        step = self._head_rows()
+        for s in range(0, ref.shape[0], step):
+            yield ref[s:s + step]
+
+    def _hidden_from(self, start: int, inputs) -> torch.Tensor:
         self.n_forward += 1
         layers, norm, head = self._blocks
         h, kwargs = inputs[start]
         for blk in layers[start:]:
             out = blk(h, **kwargs)
             h = out[0] if isinstance(out, tuple) else out
-        return self._head_logits(norm(h))
+        return norm(h)
+
+    def _nll_sum(self, ids: torch.Tensor, h: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """Summed next-token negative log-likelihood of ``ids``; with the body known the head
+        runs in chunks, each under activation checkpointing when gradients flow (so only one
+        chunk's logits exist at a time in the backward too)."""
+        if self._blocks is None:
+            logits = self._logits(ids)
+            return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), ids[:, 1:].reshape(-1),
+                                   reduction="sum")
+        h = self._head_input(ids) if h is None else h
+        rows = h[:, :-1].reshape(-1, h.shape[-1])
+        target = ids[:, 1:].reshape(-1)
+        step = self._head_rows()
+
+        def chunk(hh, tt):
+            return F.cross_entropy(self._head_logits(hh), tt, reduction="sum")
+        total = None
+        for s in range(0, rows.shape[0], step):
+            hh, tt = rows[s:s + step], target[s:s + step]
+            part = (torch.utils.checkpoint.checkpoint(chunk, hh, tt, use_reentrant=False)
+                    if torch.is_grad_enabled() and hh.requires_grad else chunk(hh, tt))
+            total = part if total is None else total + part
+        return total
+
+    def _mean_nll(self, tokens: torch.Tensor) -> float:
+        total, count = 0.0, 0
+        with torch.no_grad():
+            for ids in self._batches(tokens):
+                total += float(self._nll_sum(ids))
+                count += ids[:, 1:].numel()
+        return total / count
 
     def first_changed_block(self, config: Config) -> int:
         """Index of the first decoder block holding a layer that differs from float."""
@@ -211,23 +284,23 @@ class Evaluator:
         start = self.first_changed_block(config)
         total, count = 0.0, 0
         for i, (ids, inputs) in enumerate(zip(self._batches(self.calib), self._block_inputs)):
-            if inputs is not None and 0 < start < len(inputs):
-                logits = self._logits_from(start, inputs)
-            else:
-                logits = self._logits(ids)
-            logq = logits.log_softmax(-1)
-            del logits
-            ref = self._reference(i)
-            total += float(F.kl_div(logq, ref, log_target=True, reduction="sum"))
-            count += ref.shape[0] * ref.shape[1]
-            del logq, ref
+            count += ids.shape[0] * (ids.shape[1] - 1)
+            if self._blocks is None:
+                logq = self._logits(ids).log_softmax(-1)
+                total += float(F.kl_div(logq, self._ref[i], log_target=True, reduction="sum"))
+                continue
+            h = (self._hidden_from(start, inputs) if 0 < start < len(inputs)
+                 else self._head_input(ids))
+            for logits, ref in zip(self._head_chunks(h), self._reference_chunks(i)):
+                total += float(F.kl_div(logits.log_softmax(-1), ref, log_target=True,
+                                        reduction="sum"))
         return total / count
 
     @torch.no_grad()
     def loss(self, config: Config, tokens: torch.Tensor) -> float:
         """Mean next-token negative log-likelihood on ``tokens`` under the allocation."""
         self.apply(config)
-        return _mean_nll(self.model, tokens, self.batch_size)
+        return self._mean_nll(tokens)
 
     # --- costly fidelity -----------------------------------------------------------------
     def proxy_finetune(self, config: Config, steps: int = 10, lr: float = 5e-4,
@@ -300,9 +373,7 @@ class Evaluator:
                 for step in it:
                     idx = [order[(step * batch_size + j) % n] for j in range(batch_size)]
                     ids = train[torch.stack(idx)]
-                    logits = self.model(ids, use_cache=False).logits[:, :-1].float()
-                    loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), ids[:, 1:].reshape(-1))
-                    del logits
+                    loss = self._nll_sum(ids) / ids[:, 1:].numel()
                     opt.zero_grad(set_to_none=True)
                     loss.backward()
                     opt.step()
@@ -312,10 +383,8 @@ class Evaluator:
                 self.model.eval()
             with torch.no_grad():
                 if isinstance(eval_tokens, Mapping):
-                    return {k: _mean_nll(self.model, t, self.batch_size)
-                            for k, t in eval_tokens.items()}
-                return _mean_nll(self.model, self.valid if eval_tokens is None else eval_tokens,
-                                 self.batch_size)
+                    return {k: self._mean_nll(t) for k, t in eval_tokens.items()}
+                return self._mean_nll(self.valid if eval_tokens is None else eval_tokens)
         finally:
             for h in hooks:
                 h.remove()
@@ -349,13 +418,3 @@ def _lora_hook(A: torch.Tensor, B: torch.Tensor):
     return hook
 
 
-def _mean_nll(model: nn.Module, tokens: torch.Tensor, batch_size: int) -> float:
-    total, count = 0.0, 0
-    with torch.no_grad():
-        for i in range(0, tokens.shape[0], batch_size):
-            ids = tokens[i:i + batch_size]
-            logits = model(ids, use_cache=False).logits[:, :-1].float()
-            total += float(F.cross_entropy(logits.reshape(-1, logits.shape[-1]),
-                                           ids[:, 1:].reshape(-1), reduction="sum"))
-            count += ids[:, 1:].numel()
-    return total / count

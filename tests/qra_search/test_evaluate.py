@@ -64,6 +64,41 @@ def test_kl_from_a_later_block_matches_a_full_pass(model, tokens):
     assert ev.kl(cfg) == pytest.approx(fast, rel=1e-5)
 
 
+@pytest.mark.parametrize("store_ref", [True, False])
+def test_chunked_head_matches_the_whole_logits(model, tokens, monkeypatch, store_ref):
+    """KL, loss and a fine-tune through the head in chunks (a few positions at a time,
+    checkpointed in training) equal the whole-logits forward of the model."""
+    import qra_search.evaluate as evaluate
+    cfg = {n: (2, 8) for n in linear_modules(model)}
+    whole = _ev(model, tokens)
+    whole._blocks = None  # the model's own forward, whole logits
+    want = (whole.kl(cfg), whole.loss(cfg, whole.valid),
+            whole.proxy_finetune(cfg, steps=3, lr=3e-3, seed=0))
+    whole.restore()
+    monkeypatch.setattr(evaluate, "_HEAD_CHUNK_BYTES", 4 * 7 * model.config.vocab_size)
+    chunked = _ev(model, tokens)
+    assert chunked._blocks is not None and chunked._head_rows() == 7
+    if not store_ref:
+        chunked._ref = [chunked._head_input(b) for b in chunked._batches(chunked.calib)]
+        chunked._store_ref = False
+    got = (chunked.kl(cfg), chunked.loss(cfg, chunked.valid),
+           chunked.proxy_finetune(cfg, steps=3, lr=3e-3, seed=0))
+    assert got == pytest.approx(want, rel=1e-4)
+
+
+def test_head_check_falls_back_when_the_model_scales_its_logits(model, tokens):
+    """A model whose forward changes the logits after the head (Granite's logit scale, say)
+    is evaluated through its own forward, not the body → head shortcut."""
+    orig = model.forward
+
+    def scaled(*a, **k):
+        out = orig(*a, **k)
+        out.logits = out.logits * 0.5
+        return out
+    model.forward = scaled
+    assert _ev(model, tokens)._blocks is None
+
+
 def test_proxy_finetune_lowers_validation_loss_and_restores(model, tokens):
     ev = _ev(model, tokens)
     cfg = {n: (2, 8) for n in ev.linears}
