@@ -12,7 +12,8 @@ from typing import Optional
 
 import torch
 
-from .format import SCALE_DTYPES, check_bits, check_group_size, padded_in_features
+# The checks live in .validate; the compiled backends reach them through this module.
+from .validate import check_bias, check_grad_out, check_lora, check_packed  # noqa: F401
 
 __all__ = ["extension", "DTYPE_CODES", "dtype_code", "check_packed", "data_ptr"]
 
@@ -48,72 +49,6 @@ def data_ptr(t: Optional[torch.Tensor]) -> int:
         return 0
     assert t.is_contiguous(), "internal error: only contiguous tensors may be passed to _C"
     return t.data_ptr()
-
-
-def check_packed(qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, bits: int,
-                 group_size: int, out_features: int, in_features: int, device) -> int:
-    """Validates the packed tensors of one matrix against format.py; returns ``Kp``."""
-    check_bits(bits)
-    check_group_size(group_size)
-    if isinstance(out_features, bool) or not isinstance(out_features, int) or out_features < 1:
-        raise ValueError(f"out_features must be a positive int, got {out_features!r}")
-    kp = padded_in_features(in_features, group_size)
-    if qweight.dtype != torch.int32 or tuple(qweight.shape) != (kp * bits // 32, out_features):
-        raise ValueError(f"qweight must be int32 of shape {(kp * bits // 32, out_features)} for "
-                         f"bits={bits}, K={in_features}, got {qweight.dtype} "
-                         f"{tuple(qweight.shape)}")
-    for name, t in (("scales", scales), ("zeros", zeros)):
-        if t.dtype not in SCALE_DTYPES:
-            raise TypeError(f"{name} must be float16 or bfloat16, got {t.dtype}")
-        if tuple(t.shape) != (kp // group_size, out_features):
-            raise ValueError(f"{name} must have shape {(kp // group_size, out_features)}, got "
-                             f"{tuple(t.shape)}")
-    if scales.dtype != zeros.dtype:
-        raise TypeError(f"scales and zeros must share a dtype, got {scales.dtype}, {zeros.dtype}")
-    for name, t in (("qweight", qweight), ("scales", scales), ("zeros", zeros)):
-        if t.device != device:
-            raise ValueError(f"{name} is on {t.device} but x is on {device}")
-    return kp
-
-
-def check_lora(lora_A, lora_B, out_features: int, in_features: int, device) -> int:
-    """Validates the adapter (both or neither); returns its rank (0 without one)."""
-    if (lora_A is None) != (lora_B is None):
-        raise ValueError("lora_A and lora_B must be given together (or neither)")
-    if lora_A is None:
-        return 0
-    for name, t in (("lora_A", lora_A), ("lora_B", lora_B)):
-        dtype_code(t, name)
-        if t.device != device:
-            raise ValueError(f"{name} is on {t.device} but x is on {device}")
-    if lora_A.dim() != 2 or lora_A.shape[1] != in_features:
-        raise ValueError(f"lora_A must have shape [r, {in_features}], got {tuple(lora_A.shape)}")
-    rank = lora_A.shape[0]
-    if tuple(lora_B.shape) != (out_features, rank):
-        raise ValueError(f"lora_B must have shape [{out_features}, {rank}], got "
-                         f"{tuple(lora_B.shape)}")
-    return rank
-
-
-def check_bias(bias, out_features: int, device) -> None:
-    if bias is None:
-        return
-    if not bias.is_floating_point():
-        raise TypeError(f"bias must be a floating-point tensor, got {bias.dtype}")
-    if tuple(bias.shape) != (out_features,):
-        raise ValueError(f"bias must have shape [{out_features}], got {tuple(bias.shape)}")
-    if bias.device != device:
-        raise ValueError(f"bias is on {bias.device} but x is on {device}")
-
-
-def check_grad_out(grad_out, x, out_features: int) -> None:
-    k = x.shape[-1]
-    if grad_out.shape[-1] != out_features or grad_out.numel() // out_features != \
-            x.numel() // max(k, 1):
-        raise ValueError(f"grad_out must have shape [..., {out_features}] with as many rows "
-                         f"as x, got {tuple(grad_out.shape)}")
-    if grad_out.device != x.device:
-        raise ValueError(f"grad_out is on {grad_out.device} but x is on {x.device}")
 
 
 def lora_backward(g2: torch.Tensor, x2, lora_A, lora_B, scaling: float, rank: int):

@@ -16,7 +16,8 @@ from torch import nn
 from .format import (SCALE_DTYPES, QuantizedWeight, check_bits, check_group_size,
                      lora_nbytes, packed_nbytes, padded_in_features)
 from .lora_init import check_lora_init, error_factors
-from .ops import check_linear_args, linear_packed
+from .ops import linear_packed
+from .validate import check_linear_args
 from .quantizers import quantize_weight
 
 __all__ = ["QRALinear", "quantize_model", "qra_layers", "quantizable_layers", "is_conv1d",

@@ -20,10 +20,10 @@ from torch import Tensor
 
 from .backends import select_backend
 from .format import QuantizedWeight
+from .validate import ACTIVATION_DTYPES, check_linear_args  # noqa: F401 - re-exported
 
 __all__ = ["qra_linear", "linear_packed"]
 
-ACTIVATION_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 
 @torch.library.custom_op("qra::linear", mutates_args=())
@@ -115,42 +115,3 @@ def qra_linear(x: Tensor, qw: QuantizedWeight, lora_A: Optional[Tensor] = None,
                       bias)
     return linear_packed(x, qw.qweight, qw.scales, qw.zeros, qw.bits, qw.group_size,
                          qw.out_features, lora_A, lora_B, scaling, bias)
-
-
-def check_linear_args(x, out_features: int, in_features: int, device, lora_A, lora_B, scaling,
-                      bias) -> None:
-    """Shape, dtype and device checks shared by qra_linear and QRALinear."""
-    if not isinstance(x, torch.Tensor):
-        raise TypeError(f"x must be a torch.Tensor, got {type(x).__name__}")
-    if x.dtype not in ACTIVATION_DTYPES:
-        raise TypeError(f"x must be float32, float16 or bfloat16, got {x.dtype}")
-    if x.dim() < 1 or x.shape[-1] != in_features:
-        raise ValueError(f"x must have shape [..., {in_features}], got {tuple(x.shape)}")
-    if x.device != device:
-        raise ValueError(f"x is on {x.device} but the quantized weight is on {device}")
-    if (lora_A is None) != (lora_B is None):
-        raise ValueError("lora_A and lora_B must be given together (or neither)")
-    if lora_A is not None:
-        for name, t in (("lora_A", lora_A), ("lora_B", lora_B)):
-            if not isinstance(t, torch.Tensor):
-                raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
-            if t.dtype not in ACTIVATION_DTYPES:
-                raise TypeError(f"{name} must be float32, float16 or bfloat16, got {t.dtype}")
-            if t.device != device:
-                raise ValueError(f"{name} is on {t.device} but the weight is on {device}")
-        if lora_A.dim() != 2 or lora_A.shape[1] != in_features:
-            raise ValueError(f"lora_A must have shape [r, {in_features}], got "
-                             f"{tuple(lora_A.shape)}")
-        rank = lora_A.shape[0]
-        if tuple(lora_B.shape) != (out_features, rank):
-            raise ValueError(f"lora_B must have shape [{out_features}, {rank}] to match "
-                             f"lora_A, got {tuple(lora_B.shape)}")
-    if isinstance(scaling, bool) or not isinstance(scaling, (int, float)):
-        raise TypeError(f"scaling must be a float, got {type(scaling).__name__}")
-    if bias is not None:
-        if not isinstance(bias, torch.Tensor) or not bias.is_floating_point():
-            raise TypeError("bias must be a floating-point torch.Tensor or None")
-        if tuple(bias.shape) != (out_features,):
-            raise ValueError(f"bias must have shape [{out_features}], got {tuple(bias.shape)}")
-        if bias.device != device:
-            raise ValueError(f"bias is on {bias.device} but the weight is on {device}")

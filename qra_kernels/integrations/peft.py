@@ -28,7 +28,8 @@ import torch
 from torch import nn
 
 from ..modules import QRALinear, replace_module
-from ..ops import check_linear_args, linear_packed
+from ..ops import linear_packed
+from ..validate import check_linear_args
 
 __all__ = ["QraLoraLinear", "register", "lora_config", "load", "export_dense",
            "dispatch_qra"]
