@@ -52,7 +52,7 @@ using U = u32xL;
 
 static inline F loadf(const float* p) { F v; memcpy(&v, p, sizeof v); return v; }
 static inline void storef(float* p, F v) { memcpy(p, &v, sizeof v); }
-static inline F splat(float s) { F v = {}; return v + s; }
+static inline F splat(float s) { return LanesV::splat(s); }
 
 // acc[i][v] += sum over k < kc of a[k][i] · b[k][v·L .. v·L + L).
 static inline void micro_kernel(int64_t kc, const float* __restrict a, const float* __restrict b,
@@ -126,11 +126,13 @@ struct DenseOutRed {
   const float* p;
   int64_t ld, n_out, n_red;
   void pack(int64_t k0, int64_t kc, int64_t n0, float* dst) const {
-    for (int64_t k = 0; k < kc; ++k)
-      for (int j = 0; j < NR; ++j) {
-        const int64_t n = n0 + j, kk = k0 + k;
-        dst[k * NR + j] = (n < n_out && kk < n_red) ? p[n * ld + kk] : 0.f;
-      }
+    const int64_t cols = n_out - n0 < NR ? n_out - n0 : NR;
+    const int64_t ks = n_red - k0 < kc ? (n_red - k0 > 0 ? n_red - k0 : 0) : kc;
+    if (cols < NR || ks < kc) memset(dst, 0, kc * NR * sizeof(float));
+    for (int64_t j = 0; j < cols; ++j) {
+      const float* src = p + (n0 + j) * ld + k0;
+      for (int64_t k = 0; k < ks; ++k) dst[k * NR + j] = src[k];
+    }
   }
 };
 
@@ -165,6 +167,11 @@ struct QuantForward {
     for (int64_t g = k0 / gs; g < (k0 + kc) / gs; ++g) {
       F s[NV], zs[NV];
       for (int v = 0; v < NV; ++v) {
+        if (n0 + (v + 1) * L <= N) {
+          s[v] = LanesV::load_half(a->scales + g * N + n0 + v * L, a->scale_dtype);
+          zs[v] = LanesV::load_half(a->zeros + g * N + n0 + v * L, a->scale_dtype) * s[v];
+          continue;
+        }
         float sv[L], zv[L];
         for (int l = 0; l < L; ++l) {
           const int64_t n = n0 + v * L + l;
@@ -241,6 +248,8 @@ struct QuantBackward {
     // (groups are multiples of L, slivers start at multiples of NR).
     for (int64_t i = 0; i < nc; ++i) {
       const int64_t n = n0 + i;
+      int64_t g_prev = -1;
+      F s = splat(0.f), zs = s;
       for (int v = 0; v < NV; ++v) {
         const int64_t kb = k0 + v * L;
         float* out = dst + i * NR + v * L;
@@ -249,8 +258,12 @@ struct QuantBackward {
           continue;
         }
         const int64_t g = kb / gs;
-        const float s = half_to_float(a->scales[g * N + n], a->scale_dtype);
-        const float zs = half_to_float(a->zeros[g * N + n], a->scale_dtype) * s;
+        if (g != g_prev) {  // a group spans gs / L vectors: convert its scale and zero once
+          const float sf = half_to_float(a->scales[g * N + n], a->scale_dtype);
+          s = splat(sf);
+          zs = splat(half_to_float(a->zeros[g * N + n], a->scale_dtype) * sf);
+          g_prev = g;
+        }
         const U code = codes_of_column(q, N, Kp, n, kb);
         storef(out, __builtin_convertvector((i32xL)code, F) * s - zs);
       }
@@ -270,16 +283,36 @@ struct QuantBackward {
     return out;
   }
 
-  // Lanes l = 0..L-1: the code of k = kb + l in the plane of width W starting at `plane`.
+  // Lanes l = 0..L-1: the code of k = kb + l in the plane of width W starting at `plane`
+  // (kb a multiple of L). Lane l reads word (kb + l) / PW of the column and shifts it by
+  // W·((kb + l) % PW): the words are broadcast (one, two or four per vector) and one
+  // variable shift (vpsrlvd) and a mask finish.
   template <int W>
   static U plane_lanes(const int32_t* plane, int64_t N, int64_t n, int64_t kb) {
     constexpr int PW = 32 / W;
-    U words, shifts;
-    for (int l = 0; l < L; ++l) {
-      const int64_t k = kb + l;
-      words[l] = (uint32_t)plane[(k / PW) * N + n];
-      shifts[l] = (uint32_t)(W * (k % PW));
+    const int32_t* col = plane + (kb / PW) * N + n;
+    U shifts;
+    for (int l = 0; l < L; ++l) shifts[l] = (uint32_t)(W * ((kb + l) % PW));
+    U words;
+#if QRA_CPU_LANES == 16 && defined(__AVX512F__)
+    if constexpr (PW >= 16) {
+      words = (U)_mm512_set1_epi32(col[0]);
+    } else if constexpr (PW == 8) {
+      words = (U)_mm512_mask_set1_epi32(_mm512_set1_epi32(col[0]), 0xFF00, col[N]);
+    } else {
+      const __m128i four = _mm_set_epi32(col[3 * N], col[2 * N], col[N], col[0]);
+      const __m512i idx = _mm512_set_epi32(3, 3, 3, 3, 2, 2, 2, 2, 1, 1, 1, 1, 0, 0, 0, 0);
+      words = (U)_mm512_permutexvar_epi32(idx, _mm512_castsi128_si512(four));
     }
+#elif QRA_CPU_LANES == 8 && defined(__AVX2__)
+    if constexpr (PW >= 8) {
+      words = (U)_mm256_set1_epi32(col[0]);
+    } else {
+      words = (U)_mm256_set_m128i(_mm_set1_epi32(col[N]), _mm_set1_epi32(col[0]));
+    }
+#else
+    for (int l = 0; l < L; ++l) words[l] = (uint32_t)col[(l + kb % PW) / PW * N];
+#endif
     return (words >> shifts) & ((1u << W) - 1u);
   }
 };

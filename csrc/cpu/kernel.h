@@ -122,11 +122,29 @@ struct LanesV {
   static U load_words(const int32_t* p) { U v; memcpy(&v, p, sizeof v); return v; }
   static F load(const float* p) { F v; memcpy(&v, p, sizeof v); return v; }
   static void store(float* p, F v) { memcpy(p, &v, sizeof v); }
-  static F splat(float s) { F v = {}; return v + s; }
+  // A broadcast. (Not `F{} + s`: 0 + s is not s for s = -0, so the compiler keeps the add —
+  // an extra instruction on every broadcast of the inner loops.)
+  static F splat(float s) {
+#if QRA_CPU_LANES == 16 && defined(__AVX512F__)
+    return (F)_mm512_set1_ps(s);  // vbroadcastss zmm, m32: a load, no shuffle
+#elif QRA_CPU_LANES == 8 && defined(__AVX__)
+    return (F)_mm256_set1_ps(s);
+#else
+    F v;
+    for (int i = 0; i < L; ++i) v[i] = s;
+    return v;
+#endif
+  }
   // Only called on values < 2^31 (see plane_code_in_place), so the signed conversion (one
   // instruction on AVX2/AVX-512) is exact.
   static F to_float(U c) { return __builtin_convertvector((i32xL)c, f32xL); }
   static F load_half(const uint16_t* p, int dtype) {
+#if QRA_CPU_LANES == 16 && defined(__AVX512F__)
+    // F16C's vcvtph2ps: one instruction for fp16 (exact, subnormals included).
+    if (dtype == kFloat16) return (F)_mm512_cvtph_ps(_mm256_loadu_si256((const __m256i*)p));
+#elif QRA_CPU_LANES == 8 && defined(__F16C__)
+    if (dtype == kFloat16) return (F)_mm256_cvtph_ps(_mm_loadu_si128((const __m128i*)p));
+#endif
     u16xL h;
     memcpy(&h, p, sizeof h);
     const U w = __builtin_convertvector(h, u32xL);
