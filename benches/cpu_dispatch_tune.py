@@ -33,7 +33,12 @@ import qra_kernels as qk
 from qra_kernels import _ext
 from qra_kernels.backends import _REGISTRY, _ensure_loaded, cpu_backend
 
-MS = (1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 48, 64, 96, 128, 256)
+MS = (1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 48, 64, 128, 256)
+# The GEMV and int8 paths cost ~linear in M (they re-read the packed words per block of a
+# few rows); above this many rows they are not timed (each call would cost seconds on the
+# 4096² shape) and the rule takes the GEMM. Whether the GEMM already wins at SMALL_MAX is in
+# the table's measured_s (checked by the README's figures), not assumed.
+SMALL_MAX = 64
 SHAPES = ((4096, 4096), (1536, 576), (576, 1536))  # (N, K): Llama-sized, SmolLM2 MLP
 BITS = (2, 3, 4, 8)
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
@@ -49,7 +54,7 @@ def _time(fn, reps):
     return statistics.median(ts)
 
 
-def measure_isa(isa, reps, ms):
+def measure_isa(isa, reps, ms, small_max=SMALL_MAX):
     os.environ["QRA_CPU_ISA"] = isa
     if _ext.extension().cpu_isa() != isa:
         raise SystemExit(f"this CPU cannot run the {isa} build")
@@ -67,6 +72,8 @@ def measure_isa(isa, reps, ms):
                     go = torch.randn(m, n).to(dtype)
                     row = {}
                     for path in ("gemv", "int8", "gemm"):
+                        if path != "gemm" and m > small_max:
+                            continue
                         with cpu_backend.path(path):
                             row[f"fwd:{path}"] = _time(lambda: cpu.forward(x, *args, None), reps)
                             if path != "int8":
@@ -91,8 +98,9 @@ def rules_from(measured, isas, ms):
                 for bits in BITS:
                     best = []
                     for m in ms:
-                        score = {key: sum(math.log(data[f"{dname}|{bits}|{n}x{k}|{m}"][key])
-                                          for (n, k) in SHAPES) for key in keys}
+                        rows = [data[f"{dname}|{bits}|{n}x{k}|{m}"] for (n, k) in SHAPES]
+                        score = {key: sum(math.log(row[key]) for row in rows)
+                                 for key in keys if all(key in row for row in rows)}
                         best.append(min(score, key=score.get).split(":")[1])
                     steps = []
                     for i, m in enumerate(ms):
@@ -108,6 +116,8 @@ def main(argv=None):
     p.add_argument("--isas", default=None, help="comma-separated builds (default: all but generic)")
     p.add_argument("--reps", type=int, default=5)
     p.add_argument("--ms", default=",".join(map(str, MS)))
+    p.add_argument("--small-max", type=int, default=SMALL_MAX,
+                   help="the most rows at which the gemv and int8 paths are timed")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--merge", nargs="*", default=None, help="combine earlier outputs")
     p.add_argument("--out", required=True)
@@ -137,7 +147,7 @@ def main(argv=None):
                 [i for i in _ext.extension().cpu_runnable_isas().split(",") if i != "generic"])
         cpu_model = next((line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo")
                           if line.startswith("model name")), "")
-        measured = {isa: measure_isa(isa, args.reps, ms) for isa in isas}
+        measured = {isa: measure_isa(isa, args.reps, ms, args.small_max) for isa in isas}
         table = {"command": " ".join([os.path.basename(sys.executable), *sys.argv]),
                  "machine": {"cpu": cpu_model, "logical_cpus": os.cpu_count(),
                              "torch": torch.__version__},

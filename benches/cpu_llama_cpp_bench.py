@@ -39,7 +39,7 @@ from qra_kernels.bench.impls import package_version, selected_backend
 
 
 def qra_model(model, lm_head_bits=None, group_size=32):
-    from qra_search.allocation import Allocation
+    from qra_kernels.allocation import Allocation
     from qra_kernels.bench import end_to_end as e2e
     m = copy.deepcopy(model)
     names = e2e._decoder_linear_names(m)
