@@ -40,6 +40,23 @@ void check_scale_dtype(int dtype) {
     throw std::invalid_argument("scale_dtype must be float16 (1) or bfloat16 (2)");
 }
 
+void check_act_dtype(int dtype, const char* name) {
+  if (dtype != qra::kFloat32 && dtype != qra::kFloat16 && dtype != qra::kBFloat16)
+    throw std::invalid_argument(std::string(name) + " must be float32 (0), float16 (1) or "
+                                "bfloat16 (2)");
+}
+
+void check_cpu_path(int path, bool forward) {
+  if (path == qra::cpu::kPathGemv || path == qra::cpu::kPathGemm ||
+      (forward && path == qra::cpu::kPathInt8))
+    return;
+  throw std::invalid_argument(std::string("path must be ") +
+                              (forward ? "cpu_path_gemv, cpu_path_int8 or cpu_path_gemm"
+                                       : "cpu_path_gemv or cpu_path_gemm (the int8 path is "
+                                         "forward only)") +
+                              ", got " + std::to_string(path));
+}
+
 py::dict build_info() {
   py::dict d;
 #if defined(QRA_WITH_CUDA)
@@ -70,40 +87,61 @@ PYBIND11_MODULE(_C, m) {
   m.doc() = "qra compiled kernels (CPU and, when built with nvcc, CUDA); raw-pointer API";
   m.def("build_info", &build_info, "What this extension was built with.");
 
+  // ---- CPU ----
+  m.attr("cpu_path_gemv") = (int)qra::cpu::kPathGemv;
+  m.attr("cpu_path_int8") = (int)qra::cpu::kPathInt8;
+  m.attr("cpu_path_gemm") = (int)qra::cpu::kPathGemm;
+  m.def("cpu_isa", [] { return std::string(qra::cpu::isa()); },
+        "The build the CPU dispatcher uses now (QRA_CPU_ISA caps it).");
+  m.def("cpu_runnable_isas", [] { return std::string(qra::cpu::runnable_isas()); },
+        "Every build this CPU can run, widest first, comma-separated.");
   m.def(
       "cpu_forward",
-      [](uintptr_t x, uintptr_t qweight, uintptr_t scales, uintptr_t zeros, int scale_dtype,
-         int bits, int group_size, int64_t M, int64_t N, int64_t K, int64_t Kp, uintptr_t lora_A,
-         uintptr_t lora_B, int64_t rank, double scaling, uintptr_t bias, uintptr_t y,
-         int threads) {
+      [](uintptr_t x, int x_dtype, int64_t ldx, uintptr_t qweight, uintptr_t scales,
+         uintptr_t zeros, int scale_dtype, int bits, int group_size, int64_t M, int64_t N,
+         int64_t K, int64_t Kp, uintptr_t lora_A, uintptr_t lora_B, int64_t rank,
+         double scaling, uintptr_t bias, uintptr_t y, int y_dtype, int path, int threads) {
         check_layout(bits, group_size, M, N, K, Kp);
         check_scale_dtype(scale_dtype);
+        check_act_dtype(x_dtype, "x_dtype");
+        check_act_dtype(y_dtype, "y_dtype");
+        check_cpu_path(path, true);
+        if (ldx < K) throw std::invalid_argument("ldx must be >= K");
         if (rank < 0 || (rank > 0 && (!lora_A || !lora_B)))
           throw std::invalid_argument("rank > 0 needs lora_A and lora_B");
-        qra::cpu::ForwardArgs a{ptr<const float>(x), ptr<const int32_t>(qweight),
+        qra::cpu::ForwardArgs a{ptr<const void>(x), x_dtype, ldx, ptr<const int32_t>(qweight),
                                 ptr<const uint16_t>(scales), ptr<const uint16_t>(zeros),
                                 scale_dtype, bits, group_size, M, N, K, Kp,
                                 ptr<const float>(lora_A), ptr<const float>(lora_B), rank,
-                                (float)scaling, ptr<const float>(bias), ptr<float>(y)};
+                                (float)scaling, ptr<const float>(bias), ptr<void>(y), y_dtype};
         py::gil_scoped_release release;
-        qra::cpu::forward(a, threads);
+        qra::cpu::forward(a, path, threads);
       },
-      "y[M,N] (fp32) = x[M,Kp] (fp32, zero padded) · dequant(W)ᵀ + scaling·(x·Aᵀ)·Bᵀ + bias");
+      "y[M,N] (y_dtype) = x[M,K] (x_dtype, rows ldx apart) · dequant(W)ᵀ + "
+      "scaling·(x·Aᵀ)·Bᵀ + bias, by path cpu_path_gemv / cpu_path_int8 / cpu_path_gemm");
 
   m.def(
       "cpu_backward_dx",
-      [](uintptr_t grad_out, uintptr_t qweight, uintptr_t scales, uintptr_t zeros,
-         int scale_dtype, int bits, int group_size, int64_t M, int64_t N, int64_t Kp,
-         uintptr_t grad_x, int threads) {
-        check_layout(bits, group_size, M, N, Kp, Kp);
+      [](uintptr_t grad_out, int g_dtype, uintptr_t qweight, uintptr_t scales, uintptr_t zeros,
+         int scale_dtype, int bits, int group_size, int64_t M, int64_t N, int64_t K,
+         int64_t Kp, uintptr_t lora_A, uintptr_t lora_B, int64_t rank, double scaling,
+         uintptr_t gb, uintptr_t grad_x, int path, int threads) {
+        check_layout(bits, group_size, M, N, K, Kp);
         check_scale_dtype(scale_dtype);
-        qra::cpu::BackwardArgs a{ptr<const float>(grad_out), ptr<const int32_t>(qweight),
+        check_act_dtype(g_dtype, "g_dtype");
+        check_cpu_path(path, false);
+        if (rank < 0 || (rank > 0 && (!lora_A || !lora_B)))
+          throw std::invalid_argument("rank > 0 needs lora_A and lora_B");
+        qra::cpu::BackwardArgs a{ptr<const void>(grad_out), g_dtype, ptr<const int32_t>(qweight),
                                  ptr<const uint16_t>(scales), ptr<const uint16_t>(zeros),
-                                 scale_dtype, bits, group_size, M, N, Kp, ptr<float>(grad_x)};
+                                 scale_dtype, bits, group_size, M, N, K, Kp,
+                                 ptr<const float>(lora_A), ptr<const float>(lora_B), rank,
+                                 (float)scaling, ptr<float>(gb), ptr<float>(grad_x)};
         py::gil_scoped_release release;
-        qra::cpu::backward_dx(a, threads);
+        qra::cpu::backward_dx(a, path, threads);
       },
-      "grad_x[M,Kp] (fp32) = grad_out[M,N] (fp32) · dequant(W)");
+      "grad_x[M,K] (fp32) = grad_out[M,N] (g_dtype) · dequant(W) + scaling·(grad_out·B)·A; "
+      "gb[M,r] (fp32, optional) = grad_out·B; path cpu_path_gemv or cpu_path_gemm");
 
 #if defined(QRA_WITH_CUDA)
   m.def("cuda_device_count", &qra::cuda::device_count);

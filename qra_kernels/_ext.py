@@ -43,10 +43,14 @@ def dtype_code(t: torch.Tensor, name: str) -> int:
         raise TypeError(f"{name} must be float32, float16 or bfloat16, got {t.dtype}") from None
 
 
-def data_ptr(t: Optional[torch.Tensor]) -> int:
-    """The address of a contiguous tensor, 0 for None (the C++ side reads 0 as "absent")."""
+def data_ptr(t: Optional[torch.Tensor], strided: bool = False) -> int:
+    """The address of a contiguous tensor, 0 for None (the C++ side reads 0 as "absent").
+    ``strided=True`` also accepts a 2-D tensor of unit-stride rows (:func:`rows_view`),
+    passed with its :func:`row_stride`."""
     if t is None:
         return 0
+    if strided and t.dim() == 2 and (t.shape[0] <= 1 or t.stride(1) == 1 or t.shape[1] <= 1):
+        return t.data_ptr()
     assert t.is_contiguous(), "internal error: only contiguous tensors may be passed to _C"
     return t.data_ptr()
 
@@ -67,3 +71,28 @@ def lora_backward(g2: torch.Tensor, x2, lora_A, lora_B, scaling: float, rank: in
     grad_A = (scaling * gb.t() @ x2).to(lora_A.dtype)
     grad_B = (scaling * g2.t() @ (x2 @ a.t())).to(lora_B.dtype)
     return gx_term, grad_A, grad_B
+
+
+def rows_view(t: torch.Tensor, cols: int) -> torch.Tensor:
+    """``t`` as a 2-D ``[rows, cols]`` tensor whose rows are unit-stride (a view when the
+    layout allows it, else a contiguous copy): what the CPU kernel reads with a row stride."""
+    t2 = t.reshape(-1, cols)
+    if t2.shape[0] and t2.shape[1] and (t2.stride(1) != 1 or t2.stride(0) < cols):
+        t2 = t2.contiguous()
+    return t2
+
+
+def row_stride(t2: torch.Tensor) -> int:
+    """The row stride, in elements, of a 2-D tensor from :func:`rows_view`."""
+    return t2.stride(0) if t2.shape[0] > 1 else t2.shape[1]
+
+
+def lora_grads_from_gb(g2: torch.Tensor, x2: torch.Tensor, gb: torch.Tensor, lora_A, lora_B,
+                       scaling: float):
+    """grad_A and grad_B of the adapter given ``gb = g2 @ lora_B`` (fp32, ``[M, r]``, e.g. from
+    the CPU kernel's backward), ``g2 [M, N]`` and ``x2 [M, K]`` (any float dtype)."""
+    x32 = x2.to(torch.float32)
+    grad_A = (scaling * gb.t() @ x32).to(lora_A.dtype)
+    xa = x32 @ lora_A.to(torch.float32).t()
+    grad_B = (scaling * g2.to(torch.float32).t() @ xa).to(lora_B.dtype)
+    return grad_A, grad_B

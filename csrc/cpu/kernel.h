@@ -1,14 +1,15 @@
-// The CPU kernel for small M: y = x·dequant(W)ᵀ (+ scaling·(x·Aᵀ)·Bᵀ + bias), and the dX of
-// the backward, gx = dY·dequant(W). Included once per instruction set by linear_avx2.cpp
-// (built with -mavx2 -mfma -mf16c) and linear_generic.cpp (baseline x86-64 / any CPU),
-// each inside its own namespace QRA_CPU_NS; linear_cpu.cpp picks one at run time.
+// The CPU kernel: y = x·dequant(W)ᵀ (+ scaling·(x·Aᵀ)·Bᵀ + bias), and the dX of the
+// backward, gx = dY·dequant(W). Included once per instruction set by linear_<isa>.cpp, each
+// inside its own namespace QRA_CPU_NS; linear_cpu.cpp picks one at run time. This file holds
+// the float GEMV (kPathGemv, below) and the entry points; int8.h the integer dot-product
+// path for decode, gemm.h the panel-dequantizing GEMM for large M.
 //
 // Vectorisation is written with GCC/Clang vector extensions (QRA_CPU_LANES x 32-bit lanes),
 // not intrinsics: the same source becomes AVX-512, AVX2, or SSE2/NEON/scalar code depending
 // on the build, and — the point — the lane type goes through the very same templated
 // primitives of ../dequant.cuh that the CUDA kernels call with a uint32_t.
 //
-// Why this loop order (forward):
+// The float GEMV (kPathGemv). Why this loop order (forward):
 //  * qweight is [Kp*bits/32, N] with N contiguous, so 8 lanes = 8 adjacent output
 //    columns: one aligned 32-byte load gives the words of 8 columns and each shift+mask
 //    yields 8 codes. No horizontal reductions are needed.
@@ -26,7 +27,7 @@
 #include <stdint.h>
 #include <string.h>
 
-#if defined(QRA_CPU_BF16DOT)
+#if defined(__AVX2__) || defined(__AVX512F__)
 #include <immintrin.h>
 #endif
 
@@ -47,10 +48,13 @@ void parallel_for(int64_t n, int threads, void (*fn)(void*, int64_t, int64_t), v
 
 namespace QRA_CPU_NS {
 
-// A zeroed float buffer (new/delete only: see parallel_for).
+// A float buffer (new/delete only: see parallel_for), zeroed unless `uninit`: the large
+// packing buffers of the GEMM are written in full before they are read, and zeroing them
+// would cost a pass over memory.
 struct Buffer {
   float* p;
   explicit Buffer(int64_t n) : p(new float[n > 0 ? n : 1]()) {}
+  Buffer(int64_t n, bool /*uninit*/) : p(new float[n > 0 ? n : 1]) {}
   ~Buffer() { delete[] p; }
   Buffer(const Buffer&) = delete;
   Buffer& operator=(const Buffer&) = delete;
@@ -69,6 +73,35 @@ static void run_parallel(int64_t n, int threads, Fn& fn) {
   parallel_for(n, threads, [](void* ctx, int64_t b, int64_t e) { (*static_cast<Fn*>(ctx))(b, e); },
                &fn);
 }
+
+// The GEMV's view of a call: x as fp32 [M, Kp] zero-padded, y as fp32 [M, N] (the entry
+// points below convert other dtypes and strides into these first).
+struct GemvArgs {
+  const float* x;
+  const int32_t* qweight;
+  const uint16_t* scales;
+  const uint16_t* zeros;
+  int scale_dtype;
+  int bits, group_size;
+  int64_t M, N, K, Kp;
+  const float* lora_A;
+  const float* lora_B;
+  int64_t rank;
+  float scaling;
+  const float* bias;
+  float* y;
+};
+
+struct GemvBackArgs {
+  const float* grad_out;   // [M, N] fp32
+  const int32_t* qweight;
+  const uint16_t* scales;
+  const uint16_t* zeros;
+  int scale_dtype;
+  int bits, group_size;
+  int64_t M, N, Kp;
+  float* grad_x;           // [M, Kp] fp32
+};
 
 // QRA_CPU_LANES columns per vector: 8 (AVX2, 32-byte vectors) or 16 (AVX-512 build).
 #ifndef QRA_CPU_LANES
@@ -89,11 +122,29 @@ struct LanesV {
   static U load_words(const int32_t* p) { U v; memcpy(&v, p, sizeof v); return v; }
   static F load(const float* p) { F v; memcpy(&v, p, sizeof v); return v; }
   static void store(float* p, F v) { memcpy(p, &v, sizeof v); }
-  static F splat(float s) { F v = {}; return v + s; }
+  // A broadcast. (Not `F{} + s`: 0 + s is not s for s = -0, so the compiler keeps the add —
+  // an extra instruction on every broadcast of the inner loops.)
+  static F splat(float s) {
+#if QRA_CPU_LANES == 16 && defined(__AVX512F__)
+    return (F)_mm512_set1_ps(s);  // vbroadcastss zmm, m32: a load, no shuffle
+#elif QRA_CPU_LANES == 8 && defined(__AVX__)
+    return (F)_mm256_set1_ps(s);
+#else
+    F v;
+    for (int i = 0; i < L; ++i) v[i] = s;
+    return v;
+#endif
+  }
   // Only called on values < 2^31 (see plane_code_in_place), so the signed conversion (one
   // instruction on AVX2/AVX-512) is exact.
   static F to_float(U c) { return __builtin_convertvector((i32xL)c, f32xL); }
   static F load_half(const uint16_t* p, int dtype) {
+#if QRA_CPU_LANES == 16 && defined(__AVX512F__)
+    // F16C's vcvtph2ps: one instruction for fp16 (exact, subnormals included).
+    if (dtype == kFloat16) return (F)_mm512_cvtph_ps(_mm256_loadu_si256((const __m256i*)p));
+#elif QRA_CPU_LANES == 8 && defined(__F16C__)
+    if (dtype == kFloat16) return (F)_mm256_cvtph_ps(_mm_loadu_si128((const __m128i*)p));
+#endif
     u16xL h;
     memcpy(&h, p, sizeof h);
     const U w = __builtin_convertvector(h, u32xL);
@@ -119,6 +170,83 @@ struct Lanes1 {
   static F load_half(const uint16_t* p, int dtype) { return half_to_float(*p, dtype); }
   static float sum(F v) { return v; }
 };
+
+// ---- shared helpers ------------------------------------------------------------------
+// sum_i a[i]·b[i] with L independent lanes (a plain loop would be one scalar FMA chain:
+// GCC does not reorder a float reduction).
+static inline float dot(const float* a, const float* b, int64_t n) {
+  f32xL acc = LanesV::splat(0.f);
+  int64_t i = 0;
+  for (; i + LanesV::L <= n; i += LanesV::L) acc += LanesV::load(a + i) * LanesV::load(b + i);
+  float s = LanesV::sum(acc);
+  for (; i < n; ++i) s += a[i] * b[i];
+  return s;
+}
+
+// fp32 -> fp16 / bf16 bits, round to nearest even (finite inputs; fp16 overflow gives inf).
+static inline uint16_t float_to_half(float f, int dtype) {
+  uint32_t u;
+  memcpy(&u, &f, 4);
+  if (dtype == kBFloat16) {
+    if ((u & 0x7FFFFFFFu) > 0x7F800000u) return (uint16_t)((u >> 16) | 0x40u);  // NaN stays NaN
+    return (uint16_t)((u + 0x7FFFu + ((u >> 16) & 1u)) >> 16);
+  }
+  const uint32_t sign = (u >> 16) & 0x8000u;
+  const uint32_t a = u & 0x7FFFFFFFu;
+  if (a > 0x7F800000u) return (uint16_t)(sign | 0x7E00u);
+  if (a >= 0x477FF000u) return (uint16_t)(sign | 0x7C00u);  // rounds to >= 65520: inf
+  if (a < 0x38800000u) {  // fp16 subnormal or zero: add 0.5 so the FPU rounds for us
+    float t;
+    memcpy(&t, &a, 4);
+    t += 0.5f;
+    uint32_t tb;
+    memcpy(&tb, &t, 4);
+    return (uint16_t)(sign | (tb - 0x3F000000u));
+  }
+  const uint32_t r = a + 0xC8000FFFu + ((a >> 13) & 1u);  // rebias 127 -> 15, round
+  return (uint16_t)(sign | (r >> 13));
+}
+
+// n fp32 values to dst in dtype (fp32 / fp16 / bf16), threads split the range.
+static void store_rows(const float* src, void* dst, int dtype, int64_t n, int threads) {
+  auto body = [&](int64_t i0, int64_t i1) {
+    if (dtype == kFloat32) {
+      memcpy(static_cast<float*>(dst) + i0, src + i0, (i1 - i0) * sizeof(float));
+      return;
+    }
+    uint16_t* d = static_cast<uint16_t*>(dst);
+    for (int64_t i = i0; i < i1; ++i) d[i] = float_to_half(src[i], dtype);
+  };
+  run_parallel(n, n < (1 << 16) ? 1 : threads, body);
+}
+
+// Rows of x ([M, K], rows ldx apart, dtype) as fp32 [M, Kp], zero in columns K..Kp-1.
+static void rows_to_f32(const void* x, int dtype, int64_t ldx, int64_t M, int64_t K, int64_t Kp,
+                        float* out) {
+  for (int64_t m = 0; m < M; ++m) {
+    float* o = out + m * Kp;
+    if (dtype == kFloat32) {
+      memcpy(o, static_cast<const float*>(x) + m * ldx, K * sizeof(float));
+    } else {
+      const uint16_t* h = static_cast<const uint16_t*>(x) + m * ldx;
+      for (int64_t k = 0; k < K; ++k) o[k] = half_to_float(h[k], dtype);
+    }
+    for (int64_t k = K; k < Kp; ++k) o[k] = 0.f;
+  }
+}
+
+// The code of (n, k), scalar: tails and the portable paths.
+template <int B>
+static inline uint32_t code_at(const int32_t* q, int64_t N, int64_t Kp, int64_t n, int64_t k) {
+  if constexpr (B == 3) {
+    const uint32_t lo = ((uint32_t)q[(k / 16) * N + n] >> (2 * (k % 16))) & 3u;
+    const uint32_t hi = ((uint32_t)q[(plane_row0<3>(1, Kp) + k / 32) * N + n] >> (k % 32)) & 1u;
+    return lo | (hi << 2);
+  } else {
+    constexpr int PW = 32 / B;
+    return ((uint32_t)q[(k / PW) * N + n] >> (B * (k % PW))) & ((1u << B) - 1u);
+  }
+}
 
 // ---- forward -----------------------------------------------------------------------------
 // The inner loop does three vector ops per code and column vector: mask, convert, FMA.
@@ -187,7 +315,7 @@ static inline void plane_dot(const int32_t* plane, int64_t N, int64_t n0, int64_
 // y += s · (sum_k x_k q_k - z · sum_k x_k), y being the fp32 output (zeroed first). xs holds
 // the pre-scaled x of each plane: plane p at xs + p * M * Kp.
 template <int B, int MT, int NV, class V>
-static void group_block(const ForwardArgs& a, const float* xs, const float* xsum, int64_t g,
+static void group_block(const GemvArgs& a, const float* xs, const float* xsum, int64_t g,
                         int64_t n0, int64_t m0) {
   using F = typename V::F;
   constexpr int L = V::L;
@@ -251,7 +379,7 @@ static inline float bf16_value(uint16_t h) { return bf16_bits_to_float<uint32_t,
 // Pairs for one plane of width W: pair slot j of word row r holds k = r·PW + j and
 // k + PW/2, matching the code pairs of plane_dot_bf16; x is scaled by 2^W·mult.
 template <int W>
-static void make_pairs(const ForwardArgs& a, float mult, uint32_t* hi, uint32_t* lo,
+static void make_pairs(const GemvArgs& a, float mult, uint32_t* hi, uint32_t* lo,
                        float* sum, bool* has_lo) {
   constexpr int PW = 32 / W, P2 = PW / 2;
   const int64_t Kp = a.Kp, G = Kp / a.group_size, gs = a.group_size;
@@ -309,7 +437,7 @@ static inline void plane_dot_bf16(const int32_t* plane, int64_t N, int64_t n0, i
 }
 
 template <int B, int MT, int NV>
-static void group_block_bf16(const ForwardArgs& a, const XPairs& xp, const float* xsum,
+static void group_block_bf16(const GemvArgs& a, const XPairs& xp, const float* xsum,
                              int64_t g, int64_t n0, int64_t m0) {
   const int64_t N = a.N, Kp = a.Kp, G = Kp / a.group_size;
   const int gs = a.group_size;
@@ -342,7 +470,7 @@ static void group_block_bf16(const ForwardArgs& a, const XPairs& xp, const float
 #endif  // QRA_CPU_BF16DOT
 
 template <int B>
-static void forward_bits(const ForwardArgs& a, int threads) {
+static void forward_bits(const GemvArgs& a, int threads) {
   const int64_t M = a.M, Kp = a.Kp, G = Kp / a.group_size, K = a.K;
   Buffer xsum_buf(M * G), xa_buf(M * a.rank), xs_buf(Bits<B>::kPlanes * M * Kp);
   float* xsum = xsum_buf.p;
@@ -362,11 +490,7 @@ static void forward_bits(const ForwardArgs& a, int threads) {
       xsum[m * G + g] = s;
     }
   for (int64_t m = 0; m < M; ++m)
-    for (int64_t r = 0; r < a.rank; ++r) {
-      float s = 0.f;
-      for (int64_t k = 0; k < K; ++k) s += a.x[m * Kp + k] * a.lora_A[r * K + k];
-      xa[m * a.rank + r] = s;
-    }
+    for (int64_t r = 0; r < a.rank; ++r) xa[m * a.rank + r] = dot(a.x + m * Kp, a.lora_A + r * K, K);
 
 #if defined(QRA_CPU_BF16DOT)
   // 8-bit codes do not fit a bf16 mantissa, and the bf16 path pays off only when x is
@@ -443,7 +567,7 @@ static void forward_bits(const ForwardArgs& a, int threads) {
   run_parallel(units, nthreads, body);
 }
 
-void forward(const ForwardArgs& a, int threads) {
+static void gemv_forward(const GemvArgs& a, int threads) {
   switch (a.bits) {
     case 2: forward_bits<2>(a, threads); break;
     case 3: forward_bits<3>(a, threads); break;
@@ -460,7 +584,7 @@ void forward(const ForwardArgs& a, int threads) {
 // (the contiguous dimension of qweight), so each k ends with one horizontal sum.
 // Threads split the groups of k (each writes its own columns of gx).
 template <int W, class V>
-static void backward_plane_rows(const BackwardArgs& a, const float* gs, float* acc_k,
+static void backward_plane_rows(const GemvBackArgs& a, const float* gs, float* acc_k,
                                 int64_t g, int64_t m, int64_t row0, int64_t n0, int64_t n1,
                                 float mult) {
   using U = typename V::U;
@@ -488,7 +612,7 @@ static void backward_plane_rows(const BackwardArgs& a, const float* gs, float* a
 }
 
 template <int B>
-static void backward_bits(const BackwardArgs& a, int threads) {
+static void backward_bits(const GemvBackArgs& a, int threads) {
   const int64_t M = a.M, N = a.N, Kp = a.Kp, gsz = a.group_size, G = Kp / gsz;
   Buffer gs_buf(M * G * N), gz_buf(M * G);
   float* gs = gs_buf.p;
@@ -529,12 +653,12 @@ static void backward_bits(const BackwardArgs& a, int threads) {
   run_parallel(G, nthreads, body);
 }
 
-void backward_dx(const BackwardArgs& a, int threads) {
+static void gemv_backward_dx(const GemvBackArgs& a, int threads) {
   // backward_bits keeps grad_out·s for every group, [rows, G, N] floats (G·N·4 bytes a
   // row: 1 MiB for 4096x4096 at g = 64), so rows are taken 8 at a time.
   constexpr int64_t kRows = 8;
   for (int64_t m0 = 0; m0 < a.M; m0 += kRows) {
-    BackwardArgs b = a;
+    GemvBackArgs b = a;
     b.grad_out = a.grad_out + m0 * a.N;
     b.grad_x = a.grad_x + m0 * a.Kp;
     b.M = a.M - m0 < kRows ? a.M - m0 : kRows;
@@ -545,6 +669,73 @@ void backward_dx(const BackwardArgs& a, int threads) {
       case 8: backward_bits<8>(b, threads); break;
     }
   }
+}
+
+#include "int8.h"
+#include "gemm.h"
+
+// ---- entry points ------------------------------------------------------------------------
+template <template <int> class Fn, class... Args>
+static void by_bits(int bits, Args&&... args) {
+  switch (bits) {
+    case 2: Fn<2>::run(args...); break;
+    case 3: Fn<3>::run(args...); break;
+    case 4: Fn<4>::run(args...); break;
+    case 8: Fn<8>::run(args...); break;
+  }
+}
+template <int B> struct GemmForward { static void run(const ForwardArgs& a, int t) { gemm_forward_bits<B>(a, t); } };
+template <int B> struct GemmBackward { static void run(const BackwardArgs& a, int t) { gemm_backward_bits<B>(a, t); } };
+
+void forward(const ForwardArgs& a, int path, int threads) {
+  if (path == kPathGemm) return by_bits<GemmForward>(a.bits, a, threads);
+  // The GEMV and int8 paths read x as fp32 [M, Kp] and write fp32 y: other dtypes, strides
+  // and padding are converted here (M is small on these paths, so the copies are too).
+  const int64_t M = a.M, N = a.N, Kp = a.Kp;
+  const bool x_ready = a.x_dtype == kFloat32 && a.K == Kp && a.ldx == Kp;
+  Buffer xbuf(x_ready ? 1 : M * Kp, true);
+  if (!x_ready) rows_to_f32(a.x, a.x_dtype, a.ldx, M, a.K, Kp, xbuf.p);
+  const bool y_ready = a.y_dtype == kFloat32;
+  Buffer ybuf(y_ready ? 1 : M * N, true);
+  GemvArgs g{x_ready ? static_cast<const float*>(a.x) : xbuf.p, a.qweight, a.scales, a.zeros,
+             a.scale_dtype, a.bits, a.group_size, M, N, a.K, Kp, a.lora_A, a.lora_B, a.rank,
+             a.scaling, a.bias, y_ready ? static_cast<float*>(a.y) : ybuf.p};
+  if (path == kPathInt8)
+    int8_forward(g, threads);
+  else
+    gemv_forward(g, threads);
+  if (!y_ready) store_rows(g.y, a.y, a.y_dtype, M * N, threads);
+}
+
+void backward_dx(const BackwardArgs& a, int path, int threads) {
+  if (path == kPathGemm) return by_bits<GemmBackward>(a.bits, a, threads);
+  const int64_t M = a.M, N = a.N, K = a.K, Kp = a.Kp, r = a.rank;
+  const bool g_ready = a.g_dtype == kFloat32;
+  Buffer gbuf(g_ready ? 1 : M * N, true);
+  if (!g_ready) rows_to_f32(a.grad_out, a.g_dtype, N, M, N, N, gbuf.p);
+  const float* go = g_ready ? static_cast<const float*>(a.grad_out) : gbuf.p;
+  Buffer gx(M * Kp, true);
+  GemvBackArgs b{go, a.qweight, a.scales, a.zeros, a.scale_dtype, a.bits, a.group_size,
+                 M, N, Kp, gx.p};
+  gemv_backward_dx(b, threads);
+  // LoRA: gb = dY·B, grad_x += scaling·gb·A (row by row, as axpys the compiler vectorizes).
+  Buffer gb(M * r > 0 ? M * r : 1);
+  for (int64_t m = 0; m < M; ++m) {
+    float* gbm = gb.p + m * r;
+    for (int64_t n = 0; n < N && r > 0; ++n) {
+      const float gv = go[m * N + n];
+      const float* bn = a.lora_B + n * r;
+      for (int64_t j = 0; j < r; ++j) gbm[j] += gv * bn[j];
+    }
+    float* out = a.grad_x + m * K;
+    memcpy(out, gx.p + m * Kp, K * sizeof(float));
+    for (int64_t j = 0; j < r; ++j) {
+      const float c = a.scaling * gbm[j];
+      const float* aj = a.lora_A + j * K;
+      for (int64_t k = 0; k < K; ++k) out[k] += c * aj[k];
+    }
+  }
+  if (a.gb && r > 0) memcpy(a.gb, gb.p, M * r * sizeof(float));
 }
 
 }  // namespace QRA_CPU_NS

@@ -1,28 +1,165 @@
-"""The ``cpu`` backend: the C++ CPU kernel of ``csrc/cpu`` (AVX-512 BF16 / AVX-512 / AVX2
-builds with a portable fallback, chosen at run time; threaded), for calls with few rows of
-activations — decoding and small batches, where reading the packed weights once is what
-costs. Its work grows with the rows while dense matmul's does not grow as fast, so
-``supports`` declines calls above :data:`MAX_ROWS`: "auto" then goes on to the next
-backend, and ``set_backend("cpu")`` makes such a call raise rather than run slowly.
+"""The ``cpu`` backend: the C++ CPU kernel of ``csrc/cpu`` (AVX-512 BF16 / AVX-512 VNNI /
+AVX-512 / AVX-VNNI / AVX2 builds with a portable fallback, chosen at run time; threaded on
+torch's OpenMP pool), for any number of rows of activations.
 
-Arithmetic is fp32 whatever the activation dtype (the reference's too); the result is cast
-to x's dtype. The dX of the backward runs in the kernel (re-dequantizing W, nothing
-dequantized is kept); the LoRA gradients are small matmuls done here with torch.
+Three paths compute the op (``csrc/cpu/linear_cpu.h``):
+
+* ``gemv`` — the float GEMV: reads each packed word once per block of rows, fp32
+  arithmetic (the reference's numbers up to summation order). Decode, small batches.
+* ``int8`` — x quantized per row and group to int8, integer dot products of the codes
+  (VNNI ``vpdpbusd``, AVX2 ``vpmaddubsw``): the least work per code, so 2/3-bit beat 4-bit.
+  Its numbers differ from the reference by the int8 rounding of x (bounded in
+  ``csrc/cpu/int8.h``), more than floating-point tolerance, so ``auto`` takes it only when
+  allowed (:func:`set_path` ``int8=True`` or ``QRA_CPU_INT8=1``). Forward only.
+* ``gemm`` — panels of W dequantized to fp32 inside the kernel and multiplied by a blocked
+  GEMM, LoRA as an extra K-slab; exact like ``gemv``. Prefill, training, backward dX.
+
+``auto`` (the default) picks, per call, the fastest allowed path for (instruction set,
+activation dtype, bit-width, rows) from the measured table
+``qra_kernels/configs/cpu_dispatch.json`` (written by ``benches/cpu_dispatch_tune.py``;
+``QRA_CPU_DISPATCH`` names another file). ``QRA_CPU_PATH`` or :func:`set_path` forces one.
+
+The dX of the backward runs in the kernel (re-dequantizing W: nothing dequantized is kept),
+with the adapter's term fused; grad_A / grad_B are small matmuls done here with torch.
 """
 from __future__ import annotations
 
+import contextlib
+import json
+import os
+import threading
+from pathlib import Path
+from typing import Optional
+
 import torch
-import torch.nn.functional as F
 
 from .. import _ext
 from . import Backend, register_backend
 
-# Rows of x (the product of its leading dimensions) up to which the kernel is used. Its cost
-# grows with M (about 0.6 ms per row at 4096x4096, 4-bit, 2 threads), while the reference
-# pays ~1 s to dequantize W and then one dense matmul: measured on the 2-core development
-# machine (fp32 x), M = 128 took 73 ms here against 1230 ms for the reference. Up to 256
-# rows the kernel is far ahead; beyond, large (training) batches go to the other backends.
-MAX_ROWS = 256
+PATHS = ("auto", "gemv", "int8", "gemm")
+DISPATCH_PATH = Path(__file__).resolve().parent.parent / "configs" / "cpu_dispatch.json"
+
+# Used where the table has no entry for this machine's build (it lists every build the
+# development machine runs; see the file's "machine"): the GEMV up to this many rows, then
+# the GEMM; the int8 path, when allowed, up to _FALLBACK_INT8_ROWS.
+_FALLBACK_GEMV_ROWS = 4
+_FALLBACK_INT8_ROWS = 8
+
+_state = threading.local()
+
+
+def _env_path() -> str:
+    name = os.environ.get("QRA_CPU_PATH", "auto") or "auto"
+    if name not in PATHS:
+        raise ValueError(f"QRA_CPU_PATH must be one of {PATHS}, got {name!r}")
+    return name
+
+
+def _env_int8() -> bool:
+    value = os.environ.get("QRA_CPU_INT8", "0") or "0"
+    if value not in ("0", "1"):
+        raise ValueError(f"QRA_CPU_INT8 must be 0 or 1, got {value!r}")
+    return value == "1"
+
+
+def set_path(name: str, int8: Optional[bool] = None) -> None:
+    """Force the CPU kernel's path (``"gemv"``, ``"int8"``, ``"gemm"``) or let the table
+    choose (``"auto"``); ``int8`` says whether ``auto`` may take the int8 path (None: keep
+    the current setting). Per thread, like torch's grad mode; ``QRA_CPU_PATH`` and
+    ``QRA_CPU_INT8`` give the defaults."""
+    if not isinstance(name, str) or name not in PATHS:
+        raise ValueError(f"path must be one of {PATHS}, got {name!r}")
+    if int8 is not None and not isinstance(int8, bool):
+        raise TypeError(f"int8 must be a bool or None, got {type(int8).__name__}")
+    _state.path = name
+    if int8 is not None:
+        _state.int8 = int8
+
+
+def get_path() -> str:
+    return getattr(_state, "path", None) or _env_path()
+
+
+def int8_allowed() -> bool:
+    value = getattr(_state, "int8", None)
+    return _env_int8() if value is None else value
+
+
+@contextlib.contextmanager
+def path(name: str, int8: Optional[bool] = None):
+    """``with path("gemm"): ...`` — :func:`set_path` for a block, restored after."""
+    saved = (getattr(_state, "path", None), getattr(_state, "int8", None))
+    set_path(name, int8)
+    try:
+        yield
+    finally:
+        _state.path, _state.int8 = saved
+
+
+# --- the measured table ---------------------------------------------------------------------
+_table_cache: dict = {}
+
+
+def dispatch_table() -> dict:
+    """The measured thresholds (``QRA_CPU_DISPATCH`` or the packaged file), parsed once."""
+    source = os.environ.get("QRA_CPU_DISPATCH") or str(DISPATCH_PATH)
+    if source not in _table_cache:
+        try:
+            with open(source) as f:
+                table = json.load(f)
+        except FileNotFoundError:
+            if source != str(DISPATCH_PATH):
+                raise ValueError(f"QRA_CPU_DISPATCH names a missing file: {source}") from None
+            table = {}
+        except json.JSONDecodeError as e:
+            raise ValueError(f"the CPU dispatch table {source} is not valid JSON: {e}") from None
+        _table_cache[source] = _check_table(table, source)
+    return _table_cache[source]
+
+
+def _check_table(table: dict, source: str) -> dict:
+    rules = table.get("rules", {})
+    for isa, by_dtype in rules.items():
+        for dtype, by_kind in by_dtype.items():
+            for kind, by_bits in by_kind.items():
+                for bits, steps in by_bits.items():
+                    where = f"{source}: rules.{isa}.{dtype}.{kind}.{bits}"
+                    if not steps or steps[-1][0] is not None:
+                        raise ValueError(f"{where} must end with [null, path]")
+                    for m_max, p in steps:
+                        allowed = ("gemv", "gemm") if kind != "int8" else ("gemv", "gemm", "int8")
+                        if p not in allowed or not (m_max is None or isinstance(m_max, int)):
+                            raise ValueError(f"{where}: bad step {[m_max, p]}")
+    return table
+
+
+def _rule(isa: str, dtype: torch.dtype, kind: str, bits: int):
+    rules = dispatch_table().get("rules", {}).get(isa, {})
+    by_kind = rules.get("bfloat16" if dtype == torch.bfloat16 else "float32", {})
+    return by_kind.get(kind, {}).get(str(bits))
+
+
+def choose_path(m: int, bits: int, dtype: torch.dtype, backward: bool = False) -> str:
+    """The path ``auto`` takes for ``m`` rows on this machine's build."""
+    forced = get_path()
+    if forced != "auto" and not (backward and forced == "int8"):
+        return forced
+    isa = _ext.extension().cpu_isa()
+    kind = "backward" if backward else ("int8" if int8_allowed() else "exact")
+    steps = _rule(isa, dtype, kind, bits)
+    if steps is None:
+        limit = _FALLBACK_INT8_ROWS if kind == "int8" else _FALLBACK_GEMV_ROWS
+        small = "int8" if kind == "int8" else "gemv"
+        return small if m <= limit else "gemm"
+    for m_max, p in steps:
+        if m_max is None or m <= m_max:
+            return p
+    raise AssertionError("unreachable: a rule ends with [null, path]")
+
+
+def _path_code(name: str) -> int:
+    ext = _ext.extension()
+    return {"gemv": ext.cpu_path_gemv, "int8": ext.cpu_path_int8, "gemm": ext.cpu_path_gemm}[name]
 
 
 class CpuBackend(Backend):
@@ -34,6 +171,8 @@ class CpuBackend(Backend):
             return False, ("the compiled extension qra_kernels._C is not installed (the "
                            "package was built without a C++ compiler or with "
                            "QRA_NO_EXTENSION=1)")
+        if not hasattr(ext, "cpu_isa"):
+            return False, "qra_kernels._C is from an older build: rebuild the package"
         return True, ""
 
     def supports(self, x):
@@ -41,20 +180,7 @@ class CpuBackend(Backend):
             return False, f"the cpu backend runs on CPU tensors, x is on {x.device}"
         if x.dtype not in _ext.DTYPE_CODES:
             return False, f"x must be float32, float16 or bfloat16, got {x.dtype}"
-        rows = x.numel() // max(x.shape[-1], 1) if x.dim() else 1
-        if rows > MAX_ROWS:
-            return False, (f"the cpu kernel handles up to {MAX_ROWS} rows of x (decode and "
-                           f"small batches), got {rows}; use 'auto' or 'reference'")
         return True, ""
-
-    # --- helpers -------------------------------------------------------------------------
-    @staticmethod
-    def _padded_rows(x2: torch.Tensor, kp: int) -> torch.Tensor:
-        """x as contiguous fp32 [M, Kp], zero in the padding columns the kernel reads."""
-        x2 = x2.to(torch.float32)
-        if x2.shape[1] < kp:
-            x2 = F.pad(x2, (0, kp - x2.shape[1]))
-        return x2.contiguous()
 
     def forward(self, x, qweight, scales, zeros, bits, group_size, out_features, lora_A,
                 lora_B, scaling, bias):
@@ -63,21 +189,23 @@ class CpuBackend(Backend):
                                x.device)
         rank = _ext.check_lora(lora_A, lora_B, out_features, k, x.device)
         _ext.check_bias(bias, out_features, x.device)
-        x2 = self._padded_rows(x.reshape(-1, k), kp)
+        x2 = _ext.rows_view(x, k)
         m = x2.shape[0]
-        y = torch.empty(m, out_features, dtype=torch.float32)
+        y = torch.empty(m, out_features, dtype=x.dtype)
         if m:
             a = lora_A.to(torch.float32).contiguous() if rank else None
             b = lora_B.to(torch.float32).contiguous() if rank else None
             bias32 = bias.to(torch.float32).contiguous() if bias is not None else None
             q = qweight.contiguous()
             s, z = scales.contiguous(), zeros.contiguous()
+            code = _ext.DTYPE_CODES[x.dtype]
             _ext.extension().cpu_forward(
-                _ext.data_ptr(x2), _ext.data_ptr(q), _ext.data_ptr(s), _ext.data_ptr(z),
-                _ext.DTYPE_CODES[scales.dtype], bits, group_size, m, out_features, k, kp,
-                _ext.data_ptr(a), _ext.data_ptr(b), rank, float(scaling),
-                _ext.data_ptr(bias32), _ext.data_ptr(y), torch.get_num_threads())
-        return y.to(x.dtype).reshape(*x.shape[:-1], out_features)
+                _ext.data_ptr(x2, strided=True), code, _ext.row_stride(x2), _ext.data_ptr(q),
+                _ext.data_ptr(s), _ext.data_ptr(z), _ext.DTYPE_CODES[scales.dtype], bits,
+                group_size, m, out_features, k, kp, _ext.data_ptr(a), _ext.data_ptr(b), rank,
+                float(scaling), _ext.data_ptr(bias32), _ext.data_ptr(y), code,
+                _path_code(choose_path(m, bits, x.dtype)), torch.get_num_threads())
+        return y.reshape(*x.shape[:-1], out_features)
 
     def backward(self, grad_out, x, qweight, scales, zeros, bits, group_size, out_features,
                  lora_A, lora_B, scaling, need_x, need_lora):
@@ -86,26 +214,39 @@ class CpuBackend(Backend):
                                x.device)
         rank = _ext.check_lora(lora_A, lora_B, out_features, k, x.device)
         _ext.check_grad_out(grad_out, x, out_features)
-        g2 = grad_out.reshape(-1, out_features).to(torch.float32).contiguous()
+        if grad_out.dtype not in _ext.DTYPE_CODES:
+            raise TypeError(f"grad_out must be float32, float16 or bfloat16, got "
+                            f"{grad_out.dtype}")
+        g2 = grad_out.reshape(-1, out_features).contiguous()
         m = g2.shape[0]
-        x2 = x.reshape(-1, k).to(torch.float32) if need_lora else None
-        gx_lora, grad_A, grad_B = _ext.lora_backward(g2, x2, lora_A, lora_B, scaling, rank)
-        grad_x = None
+        grad_x = grad_A = grad_B = None
+        with_lora = need_lora and lora_A is not None
+        gb = torch.empty(m, rank, dtype=torch.float32) if with_lora and rank else None
         if need_x:
-            gx = torch.empty(m, kp, dtype=torch.float32)
+            gx = torch.empty(m, k, dtype=torch.float32)
             if m:
+                a = lora_A.to(torch.float32).contiguous() if rank else None
+                b = lora_B.to(torch.float32).contiguous() if rank else None
                 q = qweight.contiguous()
                 s, z = scales.contiguous(), zeros.contiguous()
                 _ext.extension().cpu_backward_dx(
-                    _ext.data_ptr(g2), _ext.data_ptr(q), _ext.data_ptr(s), _ext.data_ptr(z),
-                    _ext.DTYPE_CODES[scales.dtype], bits, group_size, m, out_features, kp,
-                    _ext.data_ptr(gx), torch.get_num_threads())
-            gx = gx[:, :k]
-            if gx_lora is not None:
-                gx = gx + gx_lora
+                    _ext.data_ptr(g2), _ext.DTYPE_CODES[g2.dtype], _ext.data_ptr(q),
+                    _ext.data_ptr(s), _ext.data_ptr(z), _ext.DTYPE_CODES[scales.dtype], bits,
+                    group_size, m, out_features, k, kp, _ext.data_ptr(a), _ext.data_ptr(b),
+                    rank, float(scaling), _ext.data_ptr(gb), _ext.data_ptr(gx),
+                    _path_code(choose_path(m, bits, grad_out.dtype, backward=True)),
+                    torch.get_num_threads())
+            elif gb is not None:
+                gb.zero_()
             grad_x = gx.to(x.dtype).reshape(x.shape)
-        if not need_lora:
-            grad_A = grad_B = None
+        elif gb is not None:
+            gb = g2.to(torch.float32) @ lora_B.to(torch.float32)
+        if with_lora:
+            if rank == 0:
+                grad_A, grad_B = torch.zeros_like(lora_A), torch.zeros_like(lora_B)
+            else:
+                grad_A, grad_B = _ext.lora_grads_from_gb(g2, x.reshape(-1, k), gb, lora_A,
+                                                         lora_B, scaling)
         return grad_x, grad_A, grad_B
 
 
