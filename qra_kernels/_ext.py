@@ -13,7 +13,8 @@ from typing import Optional
 import torch
 
 # The checks live in .validate; the compiled backends reach them through this module.
-from .validate import check_bias, check_grad_out, check_lora, check_packed  # noqa: F401
+from .validate import (check_bias, check_grad_out, check_lora, check_packed,  # noqa: F401
+                       check_packed_call)
 
 __all__ = ["extension", "DTYPE_CODES", "dtype_code", "check_packed", "data_ptr"]
 

@@ -8,7 +8,7 @@ dtype) or ``ValueError`` (wrong shape, device or value) naming the argument.
 """
 from __future__ import annotations
 
-from typing import Optional
+from typing import Optional, Tuple
 
 import torch
 
@@ -128,15 +128,16 @@ def check_linear_args(x, out_features: int, in_features: int, device, lora_A, lo
 
 
 def check_packed_call(x, qweight, scales, zeros, bits: int, group_size: int, out_features: int,
-                      lora_A, lora_B, bias: Optional[torch.Tensor]) -> int:
-    """One whole call on raw packed tensors (the plain-function kernels); returns the rank."""
+                      lora_A, lora_B, bias: Optional[torch.Tensor]) -> Tuple[int, int]:
+    """One whole call on raw packed tensors (the backends, the plain-function kernels);
+    returns ``(Kp, rank)``."""
     check_float("x", x)
     if x.dim() < 1 or x.shape[-1] < 1:
         raise ValueError(f"x must have shape [..., in_features >= 1], got {tuple(x.shape)}")
     k = x.shape[-1]
-    check_packed(qweight, scales, zeros, bits, group_size, out_features, k, x.device)
+    kp = check_packed(qweight, scales, zeros, bits, group_size, out_features, k, x.device)
     rank = check_lora(lora_A, lora_B, out_features, k, x.device)
     if bias is not None:
         check_float("bias", bias, x.device)
     check_bias(bias, out_features, x.device)
-    return rank
+    return kp, rank

@@ -185,10 +185,8 @@ class CpuBackend(Backend):
     def forward(self, x, qweight, scales, zeros, bits, group_size, out_features, lora_A,
                 lora_B, scaling, bias):
         k = x.shape[-1]
-        kp = _ext.check_packed(qweight, scales, zeros, bits, group_size, out_features, k,
-                               x.device)
-        rank = _ext.check_lora(lora_A, lora_B, out_features, k, x.device)
-        _ext.check_bias(bias, out_features, x.device)
+        kp, rank = _ext.check_packed_call(x, qweight, scales, zeros, bits, group_size,
+                                          out_features, lora_A, lora_B, bias)
         x2 = _ext.rows_view(x, k)
         m = x2.shape[0]
         y = torch.empty(m, out_features, dtype=x.dtype)
@@ -210,9 +208,8 @@ class CpuBackend(Backend):
     def backward(self, grad_out, x, qweight, scales, zeros, bits, group_size, out_features,
                  lora_A, lora_B, scaling, need_x, need_lora):
         k = x.shape[-1]
-        kp = _ext.check_packed(qweight, scales, zeros, bits, group_size, out_features, k,
-                               x.device)
-        rank = _ext.check_lora(lora_A, lora_B, out_features, k, x.device)
+        kp, rank = _ext.check_packed_call(x, qweight, scales, zeros, bits, group_size,
+                                          out_features, lora_A, lora_B, None)
         _ext.check_grad_out(grad_out, x, out_features)
         if grad_out.dtype not in _ext.DTYPE_CODES:
             raise TypeError(f"grad_out must be float32, float16 or bfloat16, got "

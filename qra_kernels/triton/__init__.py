@@ -36,7 +36,7 @@ def _check(x, qweight, scales, zeros, bits, group_size, out_features, lora_A, lo
     if x.device.type not in ("cuda", "cpu"):
         raise ValueError(f"x: the triton kernels run on cuda (or cpu, interpreted), not {x.device}")
     return check_packed_call(x, qweight, scales, zeros, bits, group_size, out_features,
-                             lora_A, lora_B, bias)
+                             lora_A, lora_B, bias)[1]
 
 
 def _contiguous_rows(t: torch.Tensor, k: int) -> torch.Tensor:
