@@ -304,6 +304,9 @@ def replace_module(model: nn.Module, name: str, module: nn.Module) -> None:
 WeightStore = Callable[[str, nn.Module, int], Tuple[QuantizedWeight, Optional[Tuple[torch.Tensor, torch.Tensor]]]]
 
 _DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+# Calibration texts become this many blocks of this many tokens for GPTQ's Hessians
+# (token ids are used as given).
+GPTQ_SEQ_LEN, GPTQ_BLOCKS = 256, 128
 
 
 def _as_allocation(model: nn.Module, allocation):
@@ -391,13 +394,24 @@ def quantize_model(model: nn.Module, allocation, *, method: Optional[str] = None
         if not bool(torch.isfinite(dense_weight(mod)).all()):
             raise ValueError(f"weight of {name!r} contains NaN or Inf")
         plan.append((name, spec))
-    hessians = {}
-    if store is None and any(method_for_bits(s["bits"], method) == "gptq" for _, s in plan):
-        from .calibration import hessians_for
-        hessians = hessians_for(model, [n for n, _ in plan], calibration, tokenizer=tokenizer,
-                                progress=progress)
-    elif calibration is not None and method != "gptq":
+    gptq_plan = {n: s["bits"] for n, s in plan
+                 if store is None and method_for_bits(s["bits"], method) == "gptq"}
+    if calibration is not None and method != "gptq" and not gptq_plan:
         raise ValueError(f"calibration is only used by method='gptq' (got method={method!r})")
+    precomputed: Dict[str, QuantizedWeight] = {}
+    if gptq_plan:
+        if calibration is None:
+            raise ValueError("method='gptq' needs calibration= (token ids [n_blocks, seq_len], "
+                             "or texts with tokenizer=)")
+        from .calibration import quantize_layers
+        from .text import calibration_tokens
+        tokens = calibration_tokens(calibration, tokenizer, seq_len=GPTQ_SEQ_LEN,
+                                    n_blocks=GPTQ_BLOCKS)
+        # Sequential inputs: each block sees the already quantized blocks before it, the
+        # measured better choice when one allocation is quantized (docs/QUANTIZERS.md).
+        precomputed = quantize_layers(model, gptq_plan, tokens, group_size=group_size,
+                                      inputs="sequential", scale_dtype=scale_dtype,
+                                      progress=progress)
 
     before = _linear_census(model)
     iterator = plan
@@ -411,10 +425,11 @@ def quantize_model(model: nn.Module, allocation, *, method: Optional[str] = None
         w = dense_weight(mod)
         if store is not None:
             qw, factors = store(name, mod, bits)
+        elif name in precomputed:
+            qw, factors = precomputed.pop(name), None
         else:
-            m = method_for_bits(bits, method)
-            qw = quantize_weight(w, bits, group_size, m, scale_dtype=scale_dtype, pad=pad,
-                                 **({"hessian": hessians.pop(name)} if m == "gptq" else {}))
+            qw = quantize_weight(w, bits, group_size, method_for_bits(bits, method),
+                                 scale_dtype=scale_dtype, pad=pad)
             factors = None
         if lora_init == "svd" and rank and factors is None:
             B, A, _ = error_factors(w, qw.dequantize(torch.float32), rank)

@@ -17,6 +17,8 @@ import json
 import os
 from typing import Dict, Iterable, List, Optional, Sequence, Tuple
 
+from qra_kernels._io import atomic_write
+
 
 class Archive:
     def __init__(self, path: Optional[str], header: dict, resume: bool = False):
@@ -61,10 +63,9 @@ class Archive:
                                  f"({k}: {old.get(k)!r} there, {self.header.get(k)!r} now); "
                                  "use a new --archive path")
         # Rewrite without any torn tail so later appends start on a clean line.
-        with open(self.path + ".tmp", "w") as f:
+        with atomic_write(self.path) as f:
             for rec in good:
                 f.write(json.dumps(rec) + "\n")
-        os.replace(self.path + ".tmp", self.path)
         for rec in good[1:]:
             self._add(rec)
 

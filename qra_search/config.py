@@ -21,7 +21,7 @@ METHODS = ("recommended", "rtn", "hqq", "gptq")
 # the evaluations it holds stay valid and are reused; that is how a finished search is
 # extended with more evaluations.
 IDENTITY_FIELDS = ("group_size", "method", "lora_init", "proxy_steps", "proxy_lr", "seed",
-                   "seq_len")
+                   "seq_len", "hessian_blocks", "proxy_blocks")
 
 
 @dataclass(frozen=True)
@@ -49,9 +49,16 @@ class SearchConfig:
     proxy_top: int = 2
     proxy_steps: int = 10
     proxy_lr: float = 5e-4
+    # Blocks the proxy fine-tune trains on, beyond (and disjoint from) the KL blocks; 0: it
+    # trains on the KL blocks themselves (a few blocks: it measures memorisation as much as
+    # learning).
+    proxy_blocks: int = 0
     # --- calibration data (texts → blocks) -------------------------------------------------
     seq_len: int = 128
     n_blocks: int = 8
+    # GPTQ's Hessians: calibration blocks of seq_len tokens (one forward pass; more tokens
+    # than the KL needs — a 1536-wide layer's Hessian needs far more than 384 tokens)
+    hessian_blocks: int = 128
     extra: Dict[str, Any] = field(default_factory=dict, compare=False, repr=False)
 
     def __post_init__(self):
@@ -103,11 +110,11 @@ class SearchConfig:
             raise ValueError(f"method must be one of {METHODS}, got {self.method!r}")
         if self.lora_init not in ("svd", "zeros"):
             raise ValueError(f"lora_init must be 'svd' or 'zeros', got {self.lora_init!r}")
-        for name in ("evaluations", "seq_len", "n_blocks", "latency_m"):
+        for name in ("evaluations", "seq_len", "n_blocks", "latency_m", "hessian_blocks"):
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, int) or v < 1:
                 raise ValueError(f"{name} must be a positive int, got {v!r}")
-        for name in ("refine_steps", "proxy_top", "proxy_steps", "seed"):
+        for name in ("refine_steps", "proxy_top", "proxy_steps", "seed", "proxy_blocks"):
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, int) or v < 0:
                 raise ValueError(f"{name} must be an int >= 0, got {v!r}")
@@ -122,6 +129,11 @@ class SearchConfig:
         d.pop("extra")
         d["bits_choices"], d["rank_choices"] = list(self.bits_choices), list(self.rank_choices)
         return d
+
+    @property
+    def uses_gptq(self) -> bool:
+        from qra_kernels.quantizers import method_for_bits
+        return any(method_for_bits(b, self.method) == "gptq" for b in self.bits_choices)
 
     def identity(self) -> Dict[str, Any]:
         """The settings an archive's evaluations depend on (see :data:`IDENTITY_FIELDS`)."""

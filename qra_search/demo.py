@@ -114,12 +114,14 @@ def _heldout_table(args, config, model, tok, result):
 
     from .costs import CostModel
     from .evaluate import Evaluator
-    from .models import calibration_and_heldout
+    from .models import calibration_and_heldout, search_calibration
     from .store import quant_store
     _, held = calibration_and_heldout(tok, config.seq_len, config.n_blocks, args.heldout_blocks)
+    _, hessian = search_calibration(tok, config)
     layers = result.best.layers
     store = quant_store(model, layers, group_size=config.group_size, method=config.method,
-                        cache_dir=args.cache_dir_resolved, max_rank=max(config.rank_choices))
+                        cache_dir=args.cache_dir_resolved, max_rank=max(config.rank_choices),
+                        hessian_tokens=hessian)
     ev = Evaluator(model, store, held[:1])
     rows = [("float", None)]
     for name, bits, rank in (("uniform 4-bit", 4, 0),

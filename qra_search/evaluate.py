@@ -236,6 +236,24 @@ class Evaluator:
         """Train the allocation's adapters for ``steps`` on calibration blocks (one block a
         step, in a seeded order), then return the mean loss on ``eval_tokens`` (default:
         the validation tokens). The model's weights are left as they were."""
+        return self.finetune(config, steps, lr, seed, eval_tokens=eval_tokens,
+                             progress=progress)
+
+    def finetune(self, config: Config, steps: int, lr: float = 5e-4, seed: int = 0, *,
+                 train_tokens: Optional[torch.Tensor] = None, batch_size: int = 1,
+                 eval_tokens: Optional[torch.Tensor] = None, schedule: str = "constant",
+                 warmup: int = 0, progress: bool = False, desc: str = "proxy fine-tune",
+                 log: Optional[list] = None) -> float:
+        """LoRA fine-tune of the allocation's adapters (svd-initialised, base frozen, Adam):
+        ``steps`` steps of ``batch_size`` blocks of ``train_tokens`` (default: the
+        calibration blocks) in a seeded order, learning rate ``lr`` (``schedule``
+        ``"constant"`` or ``"cosine"`` to 0, after ``warmup`` linear steps); returns the mean
+        next-token loss on ``eval_tokens`` (default: the validation tokens; a mapping of
+        name → blocks gives a mapping of losses). ``log`` gets
+        each step's training loss. The model's weights are left as they were."""
+        if schedule not in ("constant", "cosine"):
+            raise ValueError(f"schedule must be 'constant' or 'cosine', got {schedule!r}")
+        train = self.calib if train_tokens is None else train_tokens
         self.apply(config)
         adapters = {}
         hooks = []
@@ -262,22 +280,40 @@ class Evaluator:
         try:
             if params and steps > 0:
                 opt = torch.optim.Adam(params, lr=lr)
+
+                def factor(step):
+                    if step < warmup:
+                        return (step + 1) / warmup
+                    if schedule == "cosine":
+                        t = (step - warmup) / max(1, steps - warmup)
+                        return 0.5 * (1.0 + math.cos(math.pi * t))
+                    return 1.0
+                sched = torch.optim.lr_scheduler.LambdaLR(opt, factor)
                 gen = torch.Generator().manual_seed(seed)
-                order = torch.randperm(self.calib.shape[0], generator=gen)
+                order = torch.randperm(train.shape[0], generator=gen)
                 self.model.train()
                 it = range(steps)
                 if progress:
                     from tqdm.auto import tqdm
-                    it = tqdm(it, desc="proxy fine-tune", unit="step", leave=False)
+                    it = tqdm(it, desc=desc, unit="step", leave=False)
+                n = train.shape[0]
                 for step in it:
-                    ids = self.calib[order[step % len(order)]].unsqueeze(0)
+                    idx = [order[(step * batch_size + j) % n] for j in range(batch_size)]
+                    ids = train[torch.stack(idx)]
                     logits = self.model(ids, use_cache=False).logits[:, :-1].float()
                     loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), ids[:, 1:].reshape(-1))
+                    del logits
                     opt.zero_grad(set_to_none=True)
                     loss.backward()
                     opt.step()
+                    sched.step()
+                    if log is not None:
+                        log.append(float(loss.detach()))
                 self.model.eval()
             with torch.no_grad():
+                if isinstance(eval_tokens, Mapping):
+                    return {k: _mean_nll(self.model, t, self.batch_size)
+                            for k, t in eval_tokens.items()}
                 return _mean_nll(self.model, self.valid if eval_tokens is None else eval_tokens,
                                  self.batch_size)
         finally:

@@ -71,24 +71,9 @@ def check_choices(bits_choices, rank_choices) -> None:
 
 
 def tokens_from(calibration, tokenizer=None, seq_len: int = 128, n_blocks: int = 8) -> torch.Tensor:
-    """Token blocks ``[n, seq_len]`` from a LongTensor, a list of token-id lists, or texts."""
-    if isinstance(calibration, torch.Tensor):
-        t = calibration
-        if t.dim() == 1:
-            t = t[: (t.numel() // seq_len) * seq_len].view(-1, seq_len)
-        if t.dim() != 2 or t.dtype != torch.long or t.shape[0] == 0 or t.shape[1] < 2:
-            raise ValueError("calibration tokens must be a non-empty LongTensor [n_blocks, seq_len]")
-        return t
-    if isinstance(calibration, (list, tuple)) and calibration:
-        if all(isinstance(x, str) for x in calibration):
-            if tokenizer is None:
-                raise ValueError("calibration texts need tokenizer=...")
-            from .models import token_blocks
-            return token_blocks(tokenizer, calibration, seq_len, n_blocks)
-        if all(isinstance(x, (list, tuple)) for x in calibration):
-            ids = [int(i) for x in calibration for i in x]
-            return tokens_from(torch.tensor(ids, dtype=torch.long), None, seq_len)
-    raise ValueError("calibration must be token ids (LongTensor or lists of ints) or a list of texts")
+    """Token blocks ``[n, seq_len]`` (:func:`qra_kernels.text.calibration_tokens`)."""
+    from qra_kernels.text import calibration_tokens
+    return calibration_tokens(calibration, tokenizer, seq_len, n_blocks)
 
 
 def _tokens_fingerprint(tokens: torch.Tensor) -> str:
@@ -98,7 +83,7 @@ def _tokens_fingerprint(tokens: torch.Tensor) -> str:
 def run_search(model, calibration, budget_bits=_UNSET, *, config: Optional[SearchConfig] = None,
                tokenizer=None, latency_table=None, archive: Optional[str] = None,
                resume: bool = False, cache_dir: Optional[str] = None, progress: bool = True,
-               **settings) -> SearchResult:
+               hessian_calibration=None, **settings) -> SearchResult:
     """Search per-layer (bits, rank) for ``model`` under the configured budget(s).
 
     ``config``: a :class:`~qra_search.config.SearchConfig`; keyword ``settings`` (any of its
@@ -109,14 +94,23 @@ def run_search(model, calibration, budget_bits=_UNSET, *, config: Optional[Searc
     per-layer timings at ``latency_m`` rows. Given together, all apply. Calibration blocks:
     the first three quarters calibrate (KL, proxy training), the rest validate the proxy
     fine-tune. ``latency_table`` may be a :class:`LatencyTable` (else ``config``'s name or
-    path is loaded).
+    path is loaded). With a GPTQ method, ``hessian_calibration`` (token ids or texts, default
+    the calibration blocks) is what its Hessians are measured on.
     """
     if budget_bits is not _UNSET:
         settings["budget_bits"] = budget_bits
     config = SearchConfig.from_kwargs(config, **settings)
     clock = StageClock()
 
-    tokens = tokens_from(calibration, tokenizer, config.seq_len, config.n_blocks)
+    tokens = tokens_from(calibration, tokenizer, config.seq_len,
+                         config.n_blocks + config.proxy_blocks)
+    proxy_train = None
+    if config.proxy_blocks:
+        if tokens.shape[0] < config.n_blocks + config.proxy_blocks:
+            raise ValueError(f"proxy_blocks={config.proxy_blocks} needs {config.n_blocks} + "
+                             f"{config.proxy_blocks} calibration blocks, got {tokens.shape[0]}")
+        proxy_train = tokens[config.n_blocks:config.n_blocks + config.proxy_blocks]
+        tokens = tokens[:config.n_blocks]
     n_valid = max(1, tokens.shape[0] // 4) if tokens.shape[0] >= 2 else 0
     calib, valid = (tokens[:-n_valid], tokens[-n_valid:]) if n_valid else (tokens, tokens)
     shapes = linear_shapes(model)
@@ -164,10 +158,19 @@ def run_search(model, calibration, budget_bits=_UNSET, *, config: Optional[Searc
 
     # --- stage 0: quantize every (layer, bits) once ----------------------------------------
     clock.start("quantize")
+    hessian_tokens = None
+    if config.uses_gptq:
+        hessian_tokens = tokens if hessian_calibration is None else tokens_from(
+            hessian_calibration, tokenizer, config.seq_len, config.hessian_blocks)
     store = quant_store(model, shapes, group_size=config.group_size, method=config.method,
-                        cache_dir=cache_dir, max_rank=max(config.rank_choices))
+                        cache_dir=cache_dir, max_rank=max(config.rank_choices),
+                        hessian_tokens=hessian_tokens, progress=progress)
     header = {"model": store.floats.fingerprint, "tokens": _tokens_fingerprint(tokens),
               **config.identity()}
+    if proxy_train is not None:
+        header["proxy_tokens"] = _tokens_fingerprint(proxy_train)
+    if hessian_tokens is not None:
+        header["hessian_tokens"] = _tokens_fingerprint(hessian_tokens)
     arch = Archive(archive, header, resume=resume)
     clock.archive = arch
     counts = {"cheap": 0, "proxy": 0, "reused": 0}
@@ -249,7 +252,7 @@ def run_search(model, calibration, budget_bits=_UNSET, *, config: Optional[Searc
         feasible = sorted((r for r in visited.values() if space.feasible(_cfg(r))),
                           key=lambda r: (r["quality"], r["key"]))
         finalists = [_cfg(r) for r in feasible[:max(1, config.proxy_top)]]
-        for cfg in plastic:
+        for cfg in [seeds[0]] + plastic:  # the greedy seed competes too
             if space.key(cfg) not in {space.key(c) for c in finalists}:
                 finalists.append(cfg)
         bb = config.budget_bits
@@ -265,9 +268,9 @@ def run_search(model, calibration, budget_bits=_UNSET, *, config: Optional[Searc
                 if rec is None:
                     counts["proxy"] += 1
                     t = time.perf_counter()
-                    loss = ev.proxy_finetune(space.layers(cfg), config.proxy_steps,
-                                             config.proxy_lr, seed=config.seed,
-                                             progress=progress)
+                    loss = ev.finetune(space.layers(cfg), config.proxy_steps, config.proxy_lr,
+                                       seed=config.seed, train_tokens=proxy_train,
+                                       progress=progress)
                     rec = record(cfg, "proxy", "proxy", loss, time.perf_counter() - t)
                 else:
                     counts["reused"] += 1

@@ -4,6 +4,8 @@
   evaluator starts overwriting them (one safetensors file, or RAM when there is no cache
   directory). Reads open and close the file each time, so pages read never stay mapped in
   the process (and in its resident set).
+* :class:`HessianStore` — for GPTQ, each layer's calibration Hessian (float inputs), one
+  file per layer.
 * :class:`QuantStore` — every (layer, bits) quantized once with the packed format's own
   quantizer, with the top singular factors of its quantization error (the adapters'
   ``svd`` initialisation, :mod:`qra_kernels.lora_init`). Entries are computed one layer at
@@ -29,7 +31,7 @@ from torch import nn
 from qra_kernels._io import atomic_save
 from qra_kernels.format import QuantizedWeight
 from qra_kernels.lora_init import error_factors
-from qra_kernels.modules import dense_weight, is_conv1d
+from qra_kernels.modules import dense_weight
 from qra_kernels.quantizers import method_for_bits, quantize_weight
 
 # Factors kept per entry: at least this many, so `qra quantize` (any rank <= 64) and a
@@ -168,6 +170,44 @@ class FloatStore:
         if self.path is None:
             return self._ram[name]
         return _Reader.get(self.path, name)
+
+
+class HessianStore:
+    """GPTQ's layer Hessians ``2·XᵀX/n`` over calibration tokens, with *float* inputs (each
+    layer's entry then depends only on its own bits, so the search can combine entries),
+    computed once block by block (:func:`qra_kernels.calibration.iter_hessians`) before
+    anything is evaluated, and kept on disk one file per layer (RAM without a cache
+    directory). ``store(name)`` returns a layer's Hessian."""
+
+    def __init__(self, model: nn.Module, names: Iterable[str], tokens: torch.Tensor,
+                 floats: FloatStore, cache_dir: Optional[str] = None, progress: bool = False):
+        from qra_kernels.calibration import iter_hessians
+        names = list(names)
+        h = hashlib.sha1(floats.fingerprint.encode())
+        h.update(str(tuple(tokens.shape)).encode() + tokens.numpy().tobytes())
+        self.key = h.hexdigest()[:16]
+        self.floats = floats
+        self._ram: Dict[str, torch.Tensor] = {}
+        self.dir = os.path.join(cache_dir, "hessians", self.key) if cache_dir else None
+        if self.dir is not None and all(os.path.exists(self._path(n)) for n in names):
+            return
+        if self.dir is not None:
+            os.makedirs(self.dir, exist_ok=True)
+        for block in iter_hessians(model, tokens, names, progress=progress):
+            for n, hess in block.items():
+                if self.dir is None:
+                    self._ram[n] = hess
+                elif not os.path.exists(self._path(n)):
+                    _stream_save(self._path(n), [("H", torch.float32, tuple(hess.shape),
+                                                  lambda hess=hess: hess)], {"format": "pt"})
+
+    def _path(self, name: str) -> str:
+        return os.path.join(self.dir, f"{self.floats.hashes[name]}.safetensors")
+
+    def __call__(self, name: str) -> torch.Tensor:
+        if self.dir is None:
+            return self._ram[name]
+        return _Reader.get(self._path(name), "H")
 
 
 class QuantStore:
@@ -348,9 +388,12 @@ class QuantStore:
 
 def quant_store(model: nn.Module, names: Iterable[str], *, group_size: int, method: str,
                 cache_dir: Optional[str], max_rank: int = MIN_FACTORS,
-                floats: Optional[FloatStore] = None, hessian=None,
-                calibration_key: Optional[str] = None) -> QuantStore:
-    """The one way to build a :class:`QuantStore` (module docstring)."""
+                floats: Optional[FloatStore] = None,
+                hessian_tokens: Optional[torch.Tensor] = None,
+                progress: bool = False) -> QuantStore:
+    """The one way to build a :class:`QuantStore` (module docstring). A method that uses
+    GPTQ at any bit-width needs ``hessian_tokens`` (calibration token ids); its Hessians are
+    measured here, on the model as it is now (float)."""
     names = list(names)
     mods = dict(model.named_modules())
     missing = [n for n in names if n not in mods]
@@ -359,8 +402,15 @@ def quant_store(model: nn.Module, names: Iterable[str], *, group_size: int, meth
     if floats is None:
         floats = FloatStore({n: mods[n] for n in names}, cache_dir)
     shapes = {n: tuple(dense_weight(mods[n]).shape) for n in names}
+    hessian = key = None
+    if any(method_for_bits(b, method) == "gptq" for b in (2, 3, 4, 8)):
+        if hessian_tokens is None:
+            raise ValueError("method 'gptq' needs calibration tokens for its Hessians "
+                             "(hessian_tokens=)")
+        hessian = HessianStore(model, names, hessian_tokens, floats, cache_dir, progress)
+        key = hessian.key
     return QuantStore(floats, shapes, group_size, method, cache_dir, max_rank,
-                      hessian=hessian, calibration_key=calibration_key)
+                      hessian=hessian, calibration_key=key)
 
 
 def allocation_store(store: QuantStore):
@@ -373,5 +423,5 @@ def allocation_store(store: QuantStore):
     return get
 
 
-__all__ = ["FloatStore", "QuantStore", "quant_store", "allocation_store", "MIN_FACTORS",
-           "is_conv1d"]
+__all__ = ["FloatStore", "HessianStore", "QuantStore", "quant_store", "allocation_store",
+           "MIN_FACTORS"]

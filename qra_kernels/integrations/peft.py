@@ -27,7 +27,7 @@ from typing import Any, List, Optional
 import torch
 from torch import nn
 
-from ..modules import QRALinear
+from ..modules import QRALinear, replace_module
 from ..moe import QRAExperts
 from ..ops import check_linear_args, linear_packed
 
@@ -284,12 +284,6 @@ def load(model: nn.Module, path: str, adapter_name: str = "default", is_trainabl
                                      is_trainable=is_trainable, **kwargs)
 
 
-def _replace(root: nn.Module, name: str, module: nn.Module) -> None:
-    parent_name, _, child = name.rpartition(".")
-    parent = root.get_submodule(parent_name) if parent_name else root
-    setattr(parent, child, module)
-
-
 @torch.no_grad()
 def export_dense(model: nn.Module, dtype: torch.dtype = torch.bfloat16) -> nn.Module:
     """A dense model: every ``QRALinear`` (with its LoRA adapters, base-held and PEFT's
@@ -313,12 +307,12 @@ def export_dense(model: nn.Module, dtype: torch.dtype = torch.bfloat16) -> nn.Mo
                 for a in m.active_adapters:
                     if a in m.lora_A:
                         dense.weight += m.get_delta_weight(a).float()
-            _replace(root, name, dense.to(dtype))
+            replace_module(root, name, dense.to(dtype))
             done.append(name)
         elif isinstance(m, QRALinear):
-            _replace(root, name, m.dequantize(dtype, merge_lora=True))
+            replace_module(root, name, m.dequantize(dtype, merge_lora=True))
         elif isinstance(m, QRAExperts):
-            _replace(root, name, m.dequantize(dtype))
+            replace_module(root, name, m.dequantize(dtype))
     if isinstance(model, PeftModel):
         root = model.merge_and_unload()  # any LoRA layers on ordinary nn.Linear modules
     hf_quantizer = getattr(root, "hf_quantizer", None)

@@ -270,3 +270,33 @@ def test_quantize_model_says_what_it_did(caplog):
     assert "stay float" in text and "head" in text  # most weights left float: a warning
     with pytest.raises(ValueError, match="quantizes no layer"):
         qk.quantize_model(Tiny(), {"group_size": 32, "layers": {}})
+
+
+def test_quantize_model_with_gptq_needs_calibration_and_beats_rtn():
+    from transformers import LlamaConfig, LlamaForCausalLM
+    torch.manual_seed(0)
+    cfg = LlamaConfig(vocab_size=128, hidden_size=64, intermediate_size=128,
+                      num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2)
+    ids = torch.randint(0, 128, (8, 32), generator=torch.Generator().manual_seed(1))
+
+    def fresh():
+        torch.manual_seed(0)
+        return LlamaForCausalLM(cfg).eval()
+    ref = fresh()
+    with torch.no_grad():
+        want = ref(ids).logits.log_softmax(-1)
+    alloc = qk.Allocation.uniform(ref, 3, 0, group_size=32)
+    with pytest.raises(ValueError, match="calibration"):
+        qk.quantize_model(fresh(), alloc, method="gptq")
+    with pytest.raises(ValueError, match="only used by method='gptq'"):
+        qk.quantize_model(fresh(), alloc, method="rtn", calibration=ids)
+    kl = {}
+    for method in ("rtn", "gptq"):
+        m = qk.quantize_model(fresh(), alloc, method=method,
+                              calibration=ids if method == "gptq" else None)
+        assert len(qra_layers(m)) == 14
+        with torch.no_grad():
+            got = m(ids).logits.log_softmax(-1)
+        kl[method] = float(torch.nn.functional.kl_div(got, want, log_target=True,
+                                                      reduction="batchmean"))
+    assert kl["gptq"] < kl["rtn"]

@@ -114,7 +114,9 @@ def test_search_quantize_resume_and_infeasible(capsys, tmp_path, model_dir):
     one_line_error(code, err, "smallest feasible budget is --budget-bits")
 
 
-def test_quantize_saves_what_the_search_scored_and_it_reloads(capsys, tmp_path, model_dir):
+@pytest.mark.parametrize("method", ["rtn", "gptq"])
+def test_quantize_saves_what_the_search_scored_and_it_reloads(capsys, tmp_path, model_dir,
+                                                              method):
     """search → quantize → from_pretrained: QRALinear layers whose packed weights and
     adapters are the search's entries, and logits equal the evaluated allocation's."""
     import torch
@@ -130,8 +132,10 @@ def test_quantize_saves_what_the_search_scored_and_it_reloads(capsys, tmp_path, 
     cache = str(tmp_path / "cache")
     # ranks up to 8 in the search, while `qra quantize` alone would default to 64 factors:
     # both go through one store factory, so they read the same entries.
+    small = [a for a in SMALL] + ["--hessian-blocks", "8"]
+    small[small.index("--method") + 1] = method
     code, _, err = run(capsys, "search", "--model", model_dir, "--budget-bits", "4.5",
-                       "--out", alloc, "--cache-dir", cache, *SMALL)
+                       "--out", alloc, "--cache-dir", cache, *small)
     assert code == 0, err
     q = str(tmp_path / "q")
     code, out, err = run(capsys, "quantize", "--model", model_dir, "--allocation", alloc,
@@ -145,8 +149,13 @@ def test_quantize_saves_what_the_search_scored_and_it_reloads(capsys, tmp_path, 
     for n, spec in a.layers.items():
         assert (layers[n].bits, layers[n].rank) == (spec["bits"], spec["rank"])
     # the search's view of the same allocation: dense swap of the stored entries
-    model, _ = load_model(model_dir)
-    store = quant_store(model, a.layers, group_size=a.group_size, method="rtn", cache_dir=cache)
+    model, tok = load_model(model_dir)
+    from qra_search.models import search_calibration
+    from qra_search.quantize import search_config_of
+    _, hess = search_calibration(tok, search_config_of(a, method))
+    assert (hess is not None) == (method == "gptq")
+    store = quant_store(model, a.layers, group_size=a.group_size, method=method,
+                        cache_dir=cache, hessian_tokens=hess)
     for n, spec in a.layers.items():
         e = store.get(n, spec["bits"])
         assert torch.equal(layers[n].qweight, e["qw"].qweight), n

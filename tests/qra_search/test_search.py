@@ -126,7 +126,7 @@ def test_a_search_killed_in_each_stage_resumes_to_the_same_result(tokens, tmp_pa
              "sensitivity": (evaluate.Evaluator, "kl", 3),
              "exploration": (evaluate.Evaluator, "kl", 14),
              "refinement": (evaluate.Evaluator, "kl", None),
-             "proxy": (evaluate.Evaluator, "proxy_finetune", 1)}
+             "proxy": (evaluate.Evaluator, "finetune", 1)}
     n_kl_before_gp = 8 + full.evaluations["cheap"] - KW["refine_steps"]
     for stage, (cls, meth, after) in cases.items():
         if after is None:
@@ -178,3 +178,34 @@ def test_calibration_from_texts_or_id_lists(make_tokenizer):
         tokens_from(["some text"])
     with pytest.raises(ValueError, match="calibration"):
         tokens_from(42)
+
+
+def test_search_with_gptq_hessians_from_more_calibration(model, tokens, tmp_path):
+    """GPTQ in the search: Hessians measured once (float inputs) on their own calibration
+    blocks, cached on disk, and the archive header records which tokens they came from."""
+    import torch
+    hess = torch.randint(0, 256, (12, 32), generator=torch.Generator().manual_seed(5))
+    kw = {**KW, "method": "gptq", "evaluations": 4, "refine_steps": 1}
+    r = run_search(model, tokens, 3.5, cache_dir=str(tmp_path), hessian_calibration=hess,
+                   archive=str(tmp_path / "g.jsonl"), **kw)
+    assert r.best.method == "gptq" and r.best.memory_bytes <= r.budget["memory_bytes"]
+    header = json.loads(open(tmp_path / "g.jsonl").readline())["header"]
+    assert header["method"] == "gptq" and "hessian_tokens" in header
+    assert list((tmp_path / "hessians").iterdir())
+    with pytest.raises(ValueError, match="different search"):  # other Hessian tokens
+        run_search(model, tokens, 3.5, cache_dir=str(tmp_path), hessian_calibration=hess[:6],
+                   archive=str(tmp_path / "g.jsonl"), resume=True, **kw)
+
+
+def test_proxy_trains_on_its_own_blocks(model, tmp_path):
+    """proxy_blocks: the proxy fine-tune trains on calibration blocks disjoint from the KL
+    blocks; too few blocks for them is a clear error."""
+    import torch
+    blocks = torch.randint(0, 256, (7, 32), generator=torch.Generator().manual_seed(8))
+    kw = {**KW, "evaluations": 4, "refine_steps": 0, "n_blocks": 4}
+    r = run_search(model, blocks, 3.5, proxy_blocks=3, archive=str(tmp_path / "p.jsonl"), **kw)
+    assert r.evaluations["proxy"] >= 1
+    header = json.loads(open(tmp_path / "p.jsonl").readline())["header"]
+    assert header["proxy_blocks"] == 3 and "proxy_tokens" in header
+    with pytest.raises(ValueError, match="proxy_blocks=5"):
+        run_search(model, blocks, 3.5, proxy_blocks=5, **kw)
