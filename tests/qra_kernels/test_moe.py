@@ -414,3 +414,23 @@ def test_lora_on_experts_is_refused_out_loud():
     assert not any("experts" in t for t in cfg.target_modules)
     with pytest.raises(ValueError, match="routed experts"):
         qp.lora_config(model, r=4, target_parameters=["mlp.experts.gate_up_proj"])
+
+
+def test_quantize_model_gptq_quantizes_experts_with_hqq_and_says_so(caplog):
+    # method='gptq' (main's calibrated path) on a MoE model: the linear layers get GPTQ from
+    # the calibration tokens, the routed experts hqq (per-expert Hessians are not measured
+    # yet), with a warning naming them.
+    model = _moe_model("mixtral")
+    ids = torch.randint(0, 96, (4, 16), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        ref = model(ids).logits
+    with caplog.at_level(logging.INFO, logger="qra_kernels"):
+        qk.quantize_model(model, qk.Allocation.uniform(model, 8, group_size=32),
+                          method="gptq", calibration=ids)
+    assert "does not handle routed experts" in caplog.text
+    assert len(qra_experts(model)) == 2
+    from qra_kernels.modules import qra_layers
+    assert qra_layers(model)
+    with torch.no_grad():
+        out = model(ids).logits
+    assert (out - ref).norm() / ref.norm() < 0.05
