@@ -434,3 +434,13 @@ def test_quantize_model_gptq_quantizes_experts_with_hqq_and_says_so(caplog):
     with torch.no_grad():
         out = model(ids).logits
     assert (out - ref).norm() / ref.norm() < 0.05
+
+
+def test_gptq_export_refuses_packed_experts(tmp_path):
+    pytest.importorskip("peft")
+    from qra_kernels.exporters.gptq import NotExportableError, export_gptq
+    model = _moe_model("mixtral")
+    qk.quantize_model(model, qk.Allocation.uniform(model, 4, group_size=32))
+    with pytest.raises(NotExportableError, match="routed experts"):
+        export_gptq(model, str(tmp_path / "out"))
+    assert not (tmp_path / "out").exists()
