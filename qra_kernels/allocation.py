@@ -178,8 +178,9 @@ class Allocation:
     @classmethod
     def uniform(cls, model_or_shapes, bits: int, rank: int = 0, group_size: int = 64,
                 names: Optional[Iterable[str]] = None, **kwargs) -> "Allocation":
-        """Every linear layer (or the given names) at the same bits and rank. Accepts a
-        model or a ``{name: (out_features, in_features)}`` mapping."""
+        """Every linear layer and expert group (or the given names) at the same bits, and the
+        linear layers at the same rank (expert groups take no adapter: rank 0). Accepts a
+        model or a ``{name: shape}`` mapping (:func:`linear_shapes`)."""
         shapes = linear_shapes(model_or_shapes) if not isinstance(model_or_shapes, dict) \
             else dict(model_or_shapes)
         if names is not None:
@@ -188,7 +189,8 @@ class Allocation:
             if missing:
                 _fail(f"layer {missing[0]!r} is not a linear layer of the model")
             shapes = {n: shapes[n] for n in names}
-        layers = {n: {"bits": bits, "rank": rank, "shape": list(s)} for n, s in shapes.items()}
+        layers = {n: {"bits": bits, "rank": 0 if len(s) == 3 else rank, "shape": list(s)}
+                  for n, s in shapes.items()}
         return cls(layers=layers, group_size=group_size, **kwargs)
 
     # --- files ---------------------------------------------------------------------------

@@ -353,6 +353,11 @@ def test_quantize_model_names_experts_modules_and_projections(caplog):
     full = qk.Allocation.uniform(model, 4, group_size=32)
     assert full.layers["model.layers.0.mlp.experts.gate_up_proj"]["shape"] == [3, 64, 64]
     full.validate(model)
+    # A uniform rank goes to the linear layers; expert groups take no adapter.
+    ranked = qk.Allocation.uniform(_moe_model(), 4, rank=8, group_size=32)
+    ranks = {n: s["rank"] for n, s in ranked.layers.items()}
+    assert ranks["model.layers.0.mlp.experts.down_proj"] == 0
+    assert ranks["model.layers.0.self_attn.q_proj"] == 8
 
 
 @pytest.mark.parametrize("layers,match", [
@@ -414,6 +419,13 @@ def test_lora_on_experts_is_refused_out_loud():
     assert not any("experts" in t for t in cfg.target_modules)
     with pytest.raises(ValueError, match="routed experts"):
         qp.lora_config(model, r=4, target_parameters=["mlp.experts.gate_up_proj"])
+    # An allocation's rank-0 expert groups get no adapter; its linear layers get theirs.
+    model = _moe_model()
+    alloc = qk.Allocation.uniform(model, 4, rank=8, group_size=32)
+    qk.quantize_model(model, alloc)
+    cfg = qp.lora_config(model, allocation=alloc)
+    assert cfg.r == 8 and not any("experts" in t for t in cfg.target_modules)
+    assert "model.layers.0.self_attn.q_proj" in cfg.target_modules
 
 
 def test_quantize_model_gptq_quantizes_experts_with_hqq_and_says_so(caplog):
