@@ -1,7 +1,8 @@
 """qra_kernels: packed 2/3/4/8-bit group-quantized weights with fused LoRA kernels.
 
 Public API (see the README and docs/): :func:`quantize_weight`, :class:`QuantizedWeight`,
-:func:`qra_linear`, :class:`QRALinear`, :class:`Allocation`, :func:`quantize_model`,
+:func:`qra_linear`, :class:`QRALinear`, :class:`QRAExperts` (MoE experts),
+:class:`Allocation`, :func:`quantize_model`,
 :func:`save_quantized`, :func:`set_backend`, :func:`build_info`, ``QraConfig``.
 
 Names resolve on first use (PEP 562), so ``import qra_kernels`` costs milliseconds and does
@@ -25,7 +26,7 @@ _EXPORTS = {
     "SUPPORTED_BITS": "format", "SUPPORTED_GROUP_SIZES": "format",
     "QuantizedWeight": "format", "lora_nbytes": "format", "packed_nbytes": "format",
     "Allocation": "allocation", "linear_shapes": "allocation",
-    "QRALinear": "modules", "quantize_model": "modules",
+    "QRALinear": "modules", "quantize_model": "modules", "QRAExperts": "moe",
     "save_quantized": "checkpoint",
     "qra_linear": "ops",
     "quantize_weight": "quantizers",

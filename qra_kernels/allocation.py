@@ -22,6 +22,12 @@ them) still load.
 ``shape`` is ``[out_features, in_features]``; with it, :attr:`Allocation.memory_bytes` is
 computed from the same byte formulas the packed tensors obey, so it equals the sum of
 ``QRALinear.memory_bytes()`` over the quantized layers exactly (tested).
+
+An **expert group** — one projection of a MoE layer's routed experts, named like the float
+parameter (``model.layers.0.mlp.experts.gate_up_proj``, :mod:`qra_kernels.moe`) — has
+``shape = [experts, out_features, in_features]``, ``bits`` one int or one per expert, and
+rank 0 (no LoRA on routed experts yet); its bytes are the sum over its experts, equal to
+``QRAExperts.memory_bytes()``.
 """
 from __future__ import annotations
 
@@ -30,7 +36,8 @@ from dataclasses import dataclass, field
 from typing import Any, Dict, Iterable, Optional
 
 from ._io import atomic_write
-from .format import SUPPORTED_BITS, SUPPORTED_GROUP_SIZES, lora_nbytes, packed_nbytes
+from .format import (SUPPORTED_BITS, SUPPORTED_GROUP_SIZES, experts_packed_nbytes,
+                     lora_nbytes, packed_nbytes)
 
 FORMAT_NAME = "qra-allocation"
 FORMAT_VERSION = 2
@@ -84,8 +91,11 @@ class Allocation:
             if unknown:
                 _fail(f"layer {name!r}: unknown field(s) {sorted(unknown)}")
             bits = spec.get("bits")
-            if isinstance(bits, bool) or bits not in SUPPORTED_BITS:
-                _fail(f"layer {name!r}: bits must be one of {SUPPORTED_BITS}, got {bits!r}")
+            per_expert = isinstance(bits, (list, tuple))
+            for b in (bits if per_expert and bits else [bits]):
+                if isinstance(b, bool) or b not in SUPPORTED_BITS:
+                    _fail(f"layer {name!r}: bits must be one of {SUPPORTED_BITS} (or a list of "
+                          f"them, one per expert), got {bits!r}")
             rank = spec.get("rank", 0)
             if isinstance(rank, bool) or not isinstance(rank, int) or not 0 <= rank <= MAX_RANK:
                 _fail(f"layer {name!r}: rank must be an int in [0, {MAX_RANK}], got {rank!r}")
@@ -94,15 +104,33 @@ class Allocation:
                 _fail(f"layer {name!r}: alpha must be a number, got {alpha!r}")
             shape = spec.get("shape")
             if shape is not None and not (
-                    isinstance(shape, (list, tuple)) and len(shape) == 2
+                    isinstance(shape, (list, tuple)) and len(shape) in (2, 3)
                     and all(isinstance(s, int) and not isinstance(s, bool) and s > 0 for s in shape)):
-                _fail(f"layer {name!r}: shape must be [out_features, in_features], got {shape!r}")
+                _fail(f"layer {name!r}: shape must be [out_features, in_features] (or [experts, "
+                      f"out_features, in_features] for an expert group), got {shape!r}")
+            if shape is not None and len(shape) == 3:
+                if rank:
+                    _fail(f"layer {name!r}: an expert group takes no LoRA yet (rank must be 0), "
+                          f"got rank {rank}")
+                if per_expert and len(bits) != shape[0]:
+                    _fail(f"layer {name!r}: bits lists {len(bits)} entries for {shape[0]} experts")
+            elif per_expert and shape is not None:
+                _fail(f"layer {name!r}: a list of bits is for expert groups ([experts, out, in] "
+                      f"shapes), got shape {list(shape)}")
         if model is not None:
             from .modules import QRALinear, dense_weight, is_conv1d
+            from .moe import expert_shapes
             import torch.nn as nn
             modules = dict(model.named_modules())
+            groups = expert_shapes(model)
             for name, spec in self.layers.items():
                 mod = modules.get(name)
+                if name in groups:
+                    shape = spec.get("shape")
+                    if shape is not None and list(shape) != list(groups[name]):
+                        _fail(f"layer {name!r}: allocation shape {list(shape)} != model's "
+                              f"{list(groups[name])}")
+                    continue
                 if mod is None:
                     _fail(f"layer {name!r} is not a module of the model")
                 if isinstance(mod, QRALinear):
@@ -127,6 +155,10 @@ class Allocation:
         if spec.get("shape") is None:
             raise ValueError(f"layer {name!r} has no shape; build the allocation with "
                              "Allocation.uniform(model, ...) or add 'shape'")
+        if len(spec["shape"]) == 3:  # an expert group: its experts' matrices, no adapter
+            e, n, k = spec["shape"]
+            return experts_packed_nbytes(n, k, _per_expert(spec["bits"], e), self.group_size,
+                                         DTYPE_BYTES[self.scale_dtype])
         n, k = spec["shape"]
         return (packed_nbytes(n, k, spec["bits"], self.group_size, DTYPE_BYTES[self.scale_dtype])
                 + lora_nbytes(n, k, spec.get("rank", 0), DTYPE_BYTES[self.lora_dtype]))
@@ -136,17 +168,19 @@ class Allocation:
         """Parameter-weighted mean bit-width of the codes (scales/zeros not included)."""
         num = den = 0
         for spec in self.layers.values():
-            n, k = spec["shape"]
-            num += spec["bits"] * n * k
-            den += n * k
+            shape = spec["shape"]
+            e, (n, k) = (shape[0], shape[1:]) if len(shape) == 3 else (1, shape)
+            num += sum(_per_expert(spec["bits"], e)) * n * k
+            den += e * n * k
         return num / den if den else 0.0
 
     # --- construction --------------------------------------------------------------------
     @classmethod
     def uniform(cls, model_or_shapes, bits: int, rank: int = 0, group_size: int = 64,
                 names: Optional[Iterable[str]] = None, **kwargs) -> "Allocation":
-        """Every linear layer (or the given names) at the same bits and rank. Accepts a
-        model or a ``{name: (out_features, in_features)}`` mapping."""
+        """Every linear layer and expert group (or the given names) at the same bits, and the
+        linear layers at the same rank (expert groups take no adapter: rank 0). Accepts a
+        model or a ``{name: shape}`` mapping (:func:`linear_shapes`)."""
         shapes = linear_shapes(model_or_shapes) if not isinstance(model_or_shapes, dict) \
             else dict(model_or_shapes)
         if names is not None:
@@ -155,7 +189,8 @@ class Allocation:
             if missing:
                 _fail(f"layer {missing[0]!r} is not a linear layer of the model")
             shapes = {n: shapes[n] for n in names}
-        layers = {n: {"bits": bits, "rank": rank, "shape": list(s)} for n, s in shapes.items()}
+        layers = {n: {"bits": bits, "rank": 0 if len(s) == 3 else rank, "shape": list(s)}
+                  for n, s in shapes.items()}
         return cls(layers=layers, group_size=group_size, **kwargs)
 
     # --- files ---------------------------------------------------------------------------
@@ -242,12 +277,25 @@ class Allocation:
                 f"bits histogram={dict(sorted(bits.items()))})")
 
 
+def _per_expert(bits, n_experts: int):
+    return list(bits) if isinstance(bits, (list, tuple)) else [bits] * n_experts
+
+
 def linear_shapes(model) -> Dict[str, tuple]:
     """``{name: (out_features, in_features)}`` of every quantizable layer of ``model``
     (:func:`qra_kernels.modules.quantizable_layers`: ``nn.Linear``, ``Conv1D``, already
     quantized layers), without the output head — it is tied to the embeddings in many models
-    and is left in floating point."""
+    and is left in floating point — and ``{name: (experts, out_features, in_features)}`` of
+    every expert group (:func:`qra_kernels.moe.expert_shapes`), all in module order."""
     from .modules import quantizable_layers
-    return {name: (m.out_features, m.in_features) if hasattr(m, "out_features")
-            else (m.weight.shape[1], m.weight.shape[0])  # Conv1D stores [in, out]
-            for name, m in quantizable_layers(model).items()}
+    from .moe import expert_shapes
+    shapes = {name: (m.out_features, m.in_features) if hasattr(m, "out_features")
+              else (m.weight.shape[1], m.weight.shape[0])  # Conv1D stores [in, out]
+              for name, m in quantizable_layers(model).items()}
+    groups = expert_shapes(model)
+    if not groups:
+        return shapes
+    shapes.update(groups)
+    order = {name: i for i, (name, _) in enumerate(model.named_modules())}
+    return dict(sorted(shapes.items(),
+                       key=lambda kv: order.get(kv[0], order.get(kv[0].rpartition(".")[0]))))

@@ -39,13 +39,14 @@ def save_quantized(model, out_dir, tokenizer=None, allocation=None) -> Dict[str,
     "file_bytes"}``: the measured bytes of the quantized layers and of the weight files."""
     from .integrations.transformers import attach_quantizer
     from .modules import qra_layers
+    from .moe import qra_experts
     if not hasattr(model, "save_pretrained"):
         raise TypeError("save_quantized needs a transformers PreTrainedModel; for a plain "
                         "nn.Module save model.state_dict() (QRALinear's tensors are plain)")
-    layers = qra_layers(model)
+    layers = {**qra_layers(model), **qra_experts(model)}
     if not layers:
-        raise ValueError("the model has no QRALinear layer: quantize it first "
-                         "(qra_kernels.quantize_model)")
+        raise ValueError("the model has no QRALinear layer or QRAExperts module: quantize it "
+                         "first (qra_kernels.quantize_model)")
     out_dir = os.fspath(out_dir)
     if os.path.isfile(out_dir):
         raise ValueError(f"out_dir {out_dir!r} is a file, not a directory")

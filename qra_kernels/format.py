@@ -235,3 +235,31 @@ def dequantize(qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor,
     z = zeros.to(torch.float32).t().repeat_interleave(group_size, dim=1)
     w = (codes - z) * s
     return w[:, :k].to(dtype)
+
+
+# --- routed experts: E matrices of one projection, stored as one stack ---------------------
+def expert_code_rows(bits, padded_k: int):
+    """``[(first, end), ...]``: the rows of each expert's codes in a stacked experts
+    ``qweight`` (docs/FORMAT.md, "Experts").
+
+    E matrices ``[N, K]`` of one projection (a MoE layer's ``gate_up_proj``, say) are stored
+    as one ``qweight`` of shape ``[Σₑ Kp·bitsₑ/32, N]``: each expert's codes exactly as one
+    matrix stores them, stacked in expert order. Bits may differ per expert, which is why the
+    codes are stacked along rows and not as a 3-D tensor; ``scales``/``zeros`` do not depend
+    on the bits and are plain ``[E, Kp/g, N]``.
+    """
+    out, row = [], 0
+    for e, b in enumerate(bits):
+        check_bits(b, f"bits[{e}]")
+        rows = padded_k * b // 32
+        out.append((row, row + rows))
+        row += rows
+    return out
+
+
+def experts_packed_nbytes(out_features: int, in_features: int, bits, group_size: int,
+                          scale_bytes: int = 2) -> int:
+    """Bytes stored for one projection's experts: the sum of :func:`packed_nbytes` over
+    experts (``bits`` has one entry per expert)."""
+    return sum(packed_nbytes(out_features, in_features, b, group_size, scale_bytes)
+               for b in bits)

@@ -371,6 +371,10 @@ def quantize_model(model: nn.Module, allocation, *, method: Optional[str] = None
         raise ValueError(f"method must be one of {METHODS + ('recommended',)}, got {method!r}")
     if not layers:
         raise ValueError("the allocation quantizes no layer (its 'layers' is empty)")
+    # Routed experts (entries naming an experts module or one of its projections) go to
+    # qra_kernels.moe; what is left are linear layers.
+    from .moe import plan_experts, quantize_planned_experts
+    layers, expert_plan = plan_experts(model, layers, group_size, pad)
     candidates = dict(model.named_modules())
     plan = []
     for name, spec in layers.items():
@@ -379,7 +383,7 @@ def quantize_model(model: nn.Module, allocation, *, method: Optional[str] = None
         mod = candidates[name]
         if not (isinstance(mod, nn.Linear) or is_conv1d(mod)):
             raise ValueError(f"allocation names {name!r}, a {type(mod).__name__}, "
-                             "not an nn.Linear or Conv1D")
+                             "not an nn.Linear, Conv1D or experts module")
         if not isinstance(spec, Mapping) or "bits" not in spec:
             raise ValueError(f"allocation entry {name!r} must be a mapping with 'bits'")
         check_bits(spec["bits"], f"bits of {name!r}")
@@ -436,13 +440,19 @@ def quantize_model(model: nn.Module, allocation, *, method: Optional[str] = None
                                          factors=factors if lora_init == "svd" else None,
                                          dtype=w.dtype)
         replace_module(model, name, layer)
+    quantize_planned_experts(model, expert_plan, group_size, method, scale_dtype=scale_dtype,
+                             pad=pad)
     _log_summary(model, before)
     return model
 
 
 def _linear_census(model: nn.Module) -> Tuple[int, int]:
-    """(parameters in linear-like layers, their float bytes) before quantization."""
-    params = nbytes = 0
+    """(parameters in linear-like layers and routed experts, their float bytes) before
+    quantization."""
+    from .moe import expert_census
+    groups = expert_census(model)
+    params = sum(n for _, n, _, _ in groups)
+    nbytes = sum(n * 4 if q else b for _, n, b, q in groups)
     for m in quantizable_layers(model, include_head=True).values():
         if isinstance(m, QRALinear):
             params += m.in_features * m.out_features
@@ -454,8 +464,17 @@ def _linear_census(model: nn.Module) -> Tuple[int, int]:
 
 
 def _log_summary(model: nn.Module, before: Tuple[int, int]) -> None:
+    from .moe import expert_census
     total = quantized = packed = 0
     floats = []
+    groups = expert_census(model)
+    for name, n, nbytes, is_packed in groups:  # routed experts count as weights too
+        total += n
+        if is_packed:
+            quantized += n
+            packed += nbytes
+        else:
+            floats.append((n, name))
     for name, m in quantizable_layers(model, include_head=True).items():
         n = m.in_features * m.out_features if isinstance(m, QRALinear) else m.weight.numel()
         total += n
@@ -465,14 +484,17 @@ def _log_summary(model: nn.Module, before: Tuple[int, int]) -> None:
         else:
             floats.append((n, name))
     share = quantized / total if total else 0.0
-    logger.info("qra: %d layers quantized, %.1f%% of the model's %.1fM linear weights, "
+    n_groups = sum(1 for g in groups if g[3])
+    logger.info("qra: %d layers quantized%s, %.1f%% of the model's %.1fM linear%s weights, "
                 "%.2f MiB packed with adapters (they were %.2f MiB)",
-                len(qra_layers(model)), 100 * share, total / 1e6, packed / 2**20,
+                len(qra_layers(model)),
+                f" and {n_groups} expert groups" if n_groups else "",
+                100 * share, total / 1e6, " and expert" if groups else "", packed / 2**20,
                 before[1] * share / 2**20 if total else 0.0)
     if share < 0.8:
         big = ", ".join(n for _, n in sorted(floats, reverse=True)[:3])
-        logger.warning("qra: %.0f%% of the model's linear weights stay float (largest: %s)",
-                       100 * (1 - share), big)
+        logger.warning("qra: %.0f%% of the model's linear%s weights stay float (largest: %s)",
+                       100 * (1 - share), " and expert" if groups else "", big)
 
 
 def qra_layers(model: nn.Module) -> Dict[str, QRALinear]:

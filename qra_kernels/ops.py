@@ -5,7 +5,12 @@ One schema, declared once here with ``torch.library.custom_op``:
 * ``qra::linear`` — the forward;
 * ``qra::linear_backward`` — grad_x, grad_A, grad_B in one call, so a backend can fuse
   them and re-dequantize W inside its kernel (nothing dequantized is saved for backward:
-  the autograd context keeps only the packed tensors).
+  the autograd context keeps only the packed tensors);
+* ``qra::grouped_linear`` / ``qra::grouped_linear_backward`` — the routed experts of a MoE
+  layer: rows of ``x`` sorted by expert, ``tokens_per_expert[e]`` of them for expert ``e``,
+  each multiplied by its own packed matrix (``y_e = x_e·dequant(W_e)ᵀ``; bits may differ
+  per expert; the stacked layout is :func:`qra_kernels.format.expert_code_rows`). Forward
+  and grad_x; the experts are frozen and carry no adapter.
 
 Both carry fake (meta) implementations, so ``torch.compile(fullgraph=True)`` traces them
 without graph breaks. The implementation of each call comes from the backend registry
@@ -13,7 +18,7 @@ without graph breaks. The implementation of each call comes from the backend reg
 """
 from __future__ import annotations
 
-from typing import Optional, Tuple
+from typing import List, Optional, Tuple
 
 import torch
 from torch import Tensor
@@ -22,7 +27,7 @@ from .backends import select_backend
 from .format import QuantizedWeight
 from .validate import ACTIVATION_DTYPES, check_linear_args  # noqa: F401 - re-exported
 
-__all__ = ["qra_linear", "linear_packed"]
+__all__ = ["qra_linear", "linear_packed", "grouped_linear_packed"]
 
 
 
@@ -115,3 +120,64 @@ def qra_linear(x: Tensor, qw: QuantizedWeight, lora_A: Optional[Tensor] = None,
                       bias)
     return linear_packed(x, qw.qweight, qw.scales, qw.zeros, qw.bits, qw.group_size,
                          qw.out_features, lora_A, lora_B, scaling, bias)
+
+
+# --- routed experts ------------------------------------------------------------------------
+@torch.library.custom_op("qra::grouped_linear", mutates_args=())
+def _grouped_linear(x: Tensor, tokens_per_expert: Tensor, qweight: Tensor, scales: Tensor,
+                    zeros: Tensor, bits: List[int], group_size: int,
+                    out_features: int) -> Tensor:
+    from .backends.grouped import grouped_forward
+    return grouped_forward(x, tokens_per_expert, qweight, scales, zeros, bits, group_size,
+                           out_features)
+
+
+@_grouped_linear.register_fake
+def _grouped_linear_fake(x, tokens_per_expert, qweight, scales, zeros, bits, group_size,
+                         out_features):
+    return x.new_empty(x.shape[0], out_features)
+
+
+@torch.library.custom_op("qra::grouped_linear_backward", mutates_args=())
+def _grouped_linear_backward(grad_out: Tensor, x: Tensor, tokens_per_expert: Tensor,
+                             qweight: Tensor, scales: Tensor, zeros: Tensor, bits: List[int],
+                             group_size: int, out_features: int) -> Tensor:
+    from .backends.grouped import grouped_backward
+    return grouped_backward(grad_out, x, tokens_per_expert, qweight, scales, zeros, bits,
+                            group_size, out_features)
+
+
+@_grouped_linear_backward.register_fake
+def _grouped_linear_backward_fake(grad_out, x, tokens_per_expert, qweight, scales, zeros, bits,
+                                  group_size, out_features):
+    return torch.empty_like(x)
+
+
+def _grouped_setup_context(ctx, inputs, output):
+    x, tokens_per_expert, qweight, scales, zeros, bits, group_size, out_features = inputs
+    # x is kept (as qra::linear keeps it) so every backend gets the call it already knows.
+    ctx.save_for_backward(x, tokens_per_expert, qweight, scales, zeros)
+    ctx.meta = (list(bits), group_size, out_features)
+
+
+def _grouped_backward(ctx, grad_out):
+    x, tokens_per_expert, qweight, scales, zeros = ctx.saved_tensors
+    bits, group_size, out_features = ctx.meta
+    gx = None
+    if ctx.needs_input_grad[0]:
+        gx = torch.ops.qra.grouped_linear_backward(grad_out, x, tokens_per_expert, qweight,
+                                                   scales, zeros, bits, group_size,
+                                                   out_features)
+    return gx, None, None, None, None, None, None, None
+
+
+_grouped_linear.register_autograd(_grouped_backward, setup_context=_grouped_setup_context)
+
+
+def grouped_linear_packed(x: Tensor, tokens_per_expert: Tensor, qweight: Tensor,
+                          scales: Tensor, zeros: Tensor, bits, group_size: int,
+                          out_features: int) -> Tensor:
+    """The grouped op on raw packed tensors (what ``QRAExperts`` calls); no validation
+    beyond the op's (:func:`qra_kernels.moe.grouped_linear` checks its arguments)."""
+    return torch.ops.qra.grouped_linear(x, tokens_per_expert, qweight, scales, zeros,
+                                        [int(b) for b in bits], group_size, out_features)

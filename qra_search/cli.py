@@ -279,7 +279,8 @@ def latency_table(config, model, no_progress: bool):
         from qra_kernels.allocation import linear_shapes
 
         from .costs import measure_latency_table
-        return measure_latency_table(linear_shapes(model).values(), config.bits_choices,
+        shapes = [s for s in linear_shapes(model).values() if len(s) == 2]  # no expert groups
+        return measure_latency_table(shapes, config.bits_choices,
                                      config.rank_choices, config.latency_m, "cpu",
                                      config.group_size, progress=not no_progress)
     from .costs import LatencyTable

@@ -5,6 +5,9 @@ Memory is never estimated: every figure comes from :func:`qra_kernels.format.pac
 and :func:`qra_kernels.format.lora_nbytes`, the formulas the stored tensors obey, so it equals
 ``sum(QRALinear.memory_bytes())`` and ``Allocation.memory_bytes`` exactly (tested). With
 ``training=True`` the adapters' gradients and Adam's two moment buffers (fp32) are added.
+An expert group (a MoE projection's routed experts, shape ``[experts, out, in]``, as
+:func:`qra_kernels.linear_shapes` lists it) costs the sum over its experts
+(:func:`qra_kernels.format.experts_packed_nbytes`) and takes no adapter (rank 0).
 
 Latency comes from a :class:`LatencyTable` — one JSON file per named device under
 ``qra_search/data/latency_<device>.json`` (or any path) holding measured microseconds per
@@ -19,7 +22,8 @@ import os
 import time
 from typing import Dict, Iterable, Mapping, Optional, Sequence, Tuple
 
-from qra_kernels.format import lora_nbytes, packed_nbytes, padded_in_features
+from qra_kernels.format import (experts_packed_nbytes, lora_nbytes, packed_nbytes,
+                                padded_in_features)
 
 from qra_kernels.allocation import DTYPE_BYTES
 
@@ -32,7 +36,11 @@ class CostModel:
                  scale_dtype: str = "float16", lora_dtype: str = "float32",
                  training: bool = False, latency: Optional["LatencyTable"] = None,
                  latency_m: int = 1):
-        self.shapes = {n: (int(s[0]), int(s[1])) for n, s in shapes.items()}
+        self.shapes = {n: tuple(int(d) for d in s) for n, s in shapes.items()}
+        for n, s in self.shapes.items():
+            if len(s) not in (2, 3):
+                raise ValueError(f"shape of {n!r} must be (out_features, in_features) or "
+                                 f"(experts, out_features, in_features), got {s}")
         self.group_size = group_size
         self.scale_bytes = DTYPE_BYTES[scale_dtype]
         self.lora_bytes = DTYPE_BYTES[lora_dtype]
@@ -40,7 +48,14 @@ class CostModel:
         self.latency, self.latency_m = latency, latency_m
 
     # --- memory --------------------------------------------------------------------------
-    def layer_bytes(self, name: str, bits: int, rank: int) -> int:
+    def layer_bytes(self, name: str, bits, rank: int) -> int:
+        if len(self.shapes[name]) == 3:  # an expert group: bits one int or one per expert
+            e, n, k = self.shapes[name]
+            if rank:
+                raise ValueError(f"{name!r} is an expert group: it takes no LoRA yet (rank "
+                                 f"0), got rank {rank}")
+            per_expert = list(bits) if isinstance(bits, (list, tuple)) else [bits] * e
+            return experts_packed_nbytes(n, k, per_expert, self.group_size, self.scale_bytes)
         n, k = self.shapes[name]
         b = packed_nbytes(n, k, bits, self.group_size, self.scale_bytes)
         b += lora_nbytes(n, k, rank, self.lora_bytes)
@@ -57,9 +72,12 @@ class CostModel:
         :meth:`memory_bytes` of the uniform allocation for an integer supported ``bits``."""
         total = 0.0
         for name in (names if names is not None else self.shapes):
-            n, k = self.shapes[name]
+            shape = self.shapes[name]
+            e, (n, k) = (shape[0], shape[1:]) if len(shape) == 3 else (1, shape)
             kp = padded_in_features(k, self.group_size)
-            total += n * kp * bits / 8 + 2 * self.scale_bytes * n * (kp // self.group_size)
+            total += e * (n * kp * bits / 8 + 2 * self.scale_bytes * n * (kp // self.group_size))
+            if len(shape) == 3:
+                continue  # expert groups carry no adapter
             total += lora_nbytes(n, k, rank, self.lora_bytes)
             if self.training:
                 total += 3 * lora_nbytes(n, k, rank, 4)
@@ -75,6 +93,10 @@ class CostModel:
     def latency_us(self, config: Config) -> Optional[float]:
         if self.latency is None:
             return None
+        groups = [n for n in config if len(self.shapes[n]) == 3]
+        if groups:
+            raise ValueError(f"no latency is measured for expert groups (e.g. {groups[0]!r}): "
+                             "the latency table holds qra_linear timings of 2-D layers")
         return sum(self.latency.lookup(*self.shapes[n], b, r, self.latency_m)
                    for n, (b, r) in config.items())
 

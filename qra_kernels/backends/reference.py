@@ -2,13 +2,15 @@
 tested against, and runs on any device torch runs on.
 
 It dequantizes W into a temporary for each call (forward and backward alike) and frees
-it; nothing dequantized is kept between calls.
+it; nothing dequantized is kept between calls. ``grouped_forward``/``grouped_backward`` are
+the spec of the routed-experts op (``qra::grouped_linear``): the same arithmetic, one
+expert's matrix for each run of rows.
 """
 from __future__ import annotations
 
 import torch
 
-from ..format import dequantize
+from ..format import dequantize, expert_code_rows
 from . import Backend, register_backend
 
 
@@ -57,6 +59,36 @@ class ReferenceBackend(Backend):
             else:
                 grad_A, grad_B = torch.zeros_like(lora_A), torch.zeros_like(lora_B)
         return grad_x, grad_A, grad_B
+
+    # --- routed experts (qra::grouped_linear) -------------------------------------------
+    @staticmethod
+    def _experts(tokens_per_expert, qweight, scales, zeros, bits, group_size, out_features,
+                 in_features):
+        """(first row, rows, dense fp32 W_e) of every expert that receives rows."""
+        kp = scales.shape[1] * group_size
+        row = 0
+        for e, ((r0, r1), count) in enumerate(zip(expert_code_rows(bits, kp),
+                                                  tokens_per_expert.tolist())):
+            if count:
+                yield row, count, dequantize(qweight[r0:r1], scales[e], zeros[e], bits[e],
+                                             group_size, (out_features, in_features))
+            row += count
+
+    def grouped_forward(self, x, tokens_per_expert, qweight, scales, zeros, bits, group_size,
+                        out_features):
+        y = torch.zeros(x.shape[0], out_features, dtype=torch.float32, device=x.device)
+        for row, count, w in self._experts(tokens_per_expert, qweight, scales, zeros, bits,
+                                           group_size, out_features, x.shape[1]):
+            y[row:row + count] = x[row:row + count].to(torch.float32) @ w.t()
+        return y.to(x.dtype)
+
+    def grouped_backward(self, grad_out, x, tokens_per_expert, qweight, scales, zeros, bits,
+                         group_size, out_features):
+        gx = torch.zeros(x.shape, dtype=torch.float32, device=x.device)
+        for row, count, w in self._experts(tokens_per_expert, qweight, scales, zeros, bits,
+                                           group_size, out_features, x.shape[1]):
+            gx[row:row + count] = grad_out[row:row + count].to(torch.float32) @ w
+        return gx.to(x.dtype)
 
 
 register_backend(ReferenceBackend())

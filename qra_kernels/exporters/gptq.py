@@ -340,6 +340,14 @@ def export_gptq(model: nn.Module, out_dir: str, *, checkpoint_format: str = "gpt
     config = getattr(root, "config", None)
     if config is None or not hasattr(config, "to_dict"):
         raise ValueError("model must be a transformers model (it needs a config for config.json)")
+    from ..moe import qra_experts
+    packed_experts = qra_experts(root)
+    if packed_experts:
+        # GPTQ checkpoints store routed experts per expert as nn.Linear-style tensors; the
+        # mapping from QRAExperts' stacked codes is not written yet. Without this check their
+        # int32 codes would be copied into the checkpoint as "float" parameters.
+        raise NotExportableError(f"routed experts ({next(iter(packed_experts))!r}, "
+                                 f"{len(packed_experts)} modules) are not exported to GPTQ yet")
     layers = linear_layers(model)
     quantized = {n: l for n, l in layers.items() if l.quantized}
     if not quantized:

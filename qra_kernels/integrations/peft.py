@@ -28,6 +28,7 @@ import torch
 from torch import nn
 
 from ..modules import QRALinear, replace_module
+from ..moe import QRAExperts
 from ..ops import linear_packed
 from ..validate import check_linear_args
 
@@ -63,6 +64,13 @@ class QraLoraLinear(nn.Module, LoraLayer):
         self._merge_stash: Optional[tuple] = None
         self._active_adapter = adapter_name
         self.update_layer(adapter_name, r, lora_alpha=lora_alpha, config=config, **kwargs)
+
+    @property
+    def weight(self) -> torch.Tensor:
+        # PEFT's BaseTunerLayer.weight returns ``base.qweight`` for any base layer holding
+        # one (GPTQ's QuantLinear): our int32 codes, to which T5 would then cast its
+        # activations. QRALinear's value-less float stand-in is what modeling code expects.
+        return self.get_base_layer().weight
 
     def _get_in_out_features(self, module: nn.Module):
         module = module.get_base_layer() if isinstance(module, BaseTunerLayer) else module
@@ -212,6 +220,7 @@ def lora_config(model: nn.Module, allocation=None, **kwargs: Any) -> LoraConfig:
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
     if isinstance(model, PeftModel):
         model = model.get_base_model()
+    _refuse_packed_expert_targets(model, kwargs.get("target_parameters"))
     layers = {n: (m.get_base_layer() if isinstance(m, BaseTunerLayer) else m)
               for n, m in model.named_modules()}
     qra = {n for n, m in layers.items() if isinstance(m, QRALinear)}
@@ -244,6 +253,27 @@ def lora_config(model: nn.Module, allocation=None, **kwargs: Any) -> LoraConfig:
     return register(allocation.to_lora_config(**kwargs))
 
 
+def _refuse_packed_expert_targets(model: nn.Module, targets) -> None:
+    """LoRA on routed experts is not supported yet: PEFT's ``target_parameters`` adds
+    ``B·A`` to a float 3-D parameter at forward time, and a ``QRAExperts`` module has none
+    (its weights are packed codes). Refuse such targets by name rather than let PEFT match
+    nothing, or an int32 code tensor."""
+    if not targets:
+        return
+    from ..moe import qra_experts
+    packed = qra_experts(model)
+    for target in targets:
+        for name, m in packed.items():
+            proj = target.rpartition(".")[2]
+            if (f"{name}.{proj}".endswith(target) and proj in m.projections) or any(
+                    f"{name}.{k}".endswith(target) for k, _ in m.named_parameters()):
+                raise ValueError(f"target_parameters={target!r} names the routed experts "
+                                 f"{name!r}, which are quantized: LoRA on routed experts is "
+                                 "not supported yet (adapt the attention and shared-expert "
+                                 "projections, or keep the experts float with "
+                                 "modules_to_not_convert=['lm_head', 'experts'])")
+
+
 def load(model: nn.Module, path: str, adapter_name: str = "default", is_trainable: bool = False,
          **kwargs: Any) -> "PeftModel":
     """``PeftModel.from_pretrained`` for a qra model: re-registers :class:`QraLoraLinear`
@@ -258,7 +288,8 @@ def load(model: nn.Module, path: str, adapter_name: str = "default", is_trainabl
 @torch.no_grad()
 def export_dense(model: nn.Module, dtype: torch.dtype = torch.bfloat16) -> nn.Module:
     """A dense model: every ``QRALinear`` (with its LoRA adapters, base-held and PEFT's
-    active ones) becomes an ``nn.Linear`` of ``dequant(W) + Σ s·B·A`` in ``dtype``.
+    active ones) becomes an ``nn.Linear`` of ``dequant(W) + Σ s·B·A`` in ``dtype``, every
+    ``QRAExperts`` the model's own experts class with dequantized weights.
 
     Takes a PeftModel (returns its unwrapped base model) or a plain qra model; modifies it
     in place. A transformers model loses its ``quantization_config``, so
@@ -281,6 +312,8 @@ def export_dense(model: nn.Module, dtype: torch.dtype = torch.bfloat16) -> nn.Mo
             done.append(name)
         elif isinstance(m, QRALinear):
             replace_module(root, name, m.dequantize(dtype, merge_lora=True))
+        elif isinstance(m, QRAExperts):
+            replace_module(root, name, m.dequantize(dtype))
     if isinstance(model, PeftModel):
         root = model.merge_and_unload()  # any LoRA layers on ordinary nn.Linear modules
     hf_quantizer = getattr(root, "hf_quantizer", None)

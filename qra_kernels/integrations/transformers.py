@@ -21,8 +21,14 @@ Two ways in, one way out:
   ``weight`` of the wrong shape and raises a size-mismatch error, instead of reporting the
   packed keys as "unexpected" and silently initialising every projection at random.
 
+Routed MoE experts (3-D parameters of an experts module, :mod:`qra_kernels.moe`) take the
+same three ways: ``plan`` lists each expert group (``...mlp.experts.gate_up_proj``) beside
+the linear layers, quantize on load turns the experts module into a ``QRAExperts``, and
+the metadata describes it (``"kind": "experts"``: bits per projection, per expert where
+they differ) so a pre-quantized load builds it empty before the packed tensors load.
+
 ``model.dequantize()`` turns every ``QRALinear`` back into an ``nn.Linear`` (adapter held in
-the layer merged in). ``model.to(dtype)`` leaves the stored scales alone
+the layer merged in) and every ``QRAExperts`` back into the model's experts class. ``model.to(dtype)`` leaves the stored scales alone
 (``QRALinear._apply``).
 """
 from __future__ import annotations
@@ -39,9 +45,10 @@ from transformers.utils.quantization_config import QuantizationConfigMixin
 from ..format import FORMAT_VERSION, check_bits, check_group_size
 from ..modules import (QRALinear, dense_weight, is_conv1d, qra_layers, quantizable_layers,
                        quantize_model, replace_module)
+from ..moe import QRAExperts, expert_layer, expert_shapes, qra_experts
 
 __all__ = ["QraConfig", "QraHfQuantizer", "register", "METHOD", "layer_metadata",
-           "attach_quantizer"]
+           "layer_bits_of", "attach_quantizer"]
 
 METHOD = "qra"
 METADATA_KEY = "qra_layers"
@@ -60,7 +67,10 @@ class QraConfig(QuantizationConfigMixin):
             ``layer_bits``; ``None`` quantizes only the layers named in ``layer_bits``.
         group_size: 32, 64 or 128 input features per scale/zero.
         layer_bits: ``{exact module name: bits}`` — e.g. from an allocation
-            (:meth:`from_allocation`). Names that are not linear layers of the model raise.
+            (:meth:`from_allocation`). Names that are not linear layers or expert groups of
+            the model raise. An expert group (``...mlp.experts.gate_up_proj``) or a whole
+            experts module (``...mlp.experts``) may be named; its bits may be a list, one per
+            expert.
         modules_to_not_convert: module names, or runs of whole dotted components of them
             (``"mlp"``, ``"layers.0"``), left in floating point; ``["lm_head"]`` by default (often tied to the embeddings).
         method: ``"hqq"`` (default), ``"rtn"``, ``"gptq"`` (needs ``calibration``) or
@@ -74,7 +84,7 @@ class QraConfig(QuantizationConfigMixin):
     """
 
     def __init__(self, bits: Optional[int] = 4, group_size: int = 64,
-                 layer_bits: Optional[Mapping[str, int]] = None,
+                 layer_bits: Optional[Mapping[str, Any]] = None,
                  modules_to_not_convert: Optional[Iterable[str]] = None, method: str = "hqq",
                  scale_dtype: str = "float16", pad: bool = False, calibration=None,
                  **kwargs: Any):
@@ -94,7 +104,8 @@ class QraConfig(QuantizationConfigMixin):
         for name, b in layer_bits.items():
             if not isinstance(name, str) or not name:
                 raise ValueError(f"layer_bits keys must be module names, got {name!r}")
-            check_bits(b, f"layer_bits[{name!r}]")
+            for i, one in enumerate(b if isinstance(b, (list, tuple)) else [b]):
+                check_bits(one, f"layer_bits[{name!r}]" + (f"[{i}]" if isinstance(b, (list, tuple)) else ""))
         if bits is None and not layer_bits:
             raise ValueError("bits=None quantizes only the layers in layer_bits, which is empty")
         if modules_to_not_convert is None:
@@ -110,7 +121,8 @@ class QraConfig(QuantizationConfigMixin):
             raise TypeError(f"pad must be a bool, got {type(pad).__name__}")
         self.bits = bits
         self.group_size = group_size
-        self.layer_bits = dict(layer_bits)
+        self.layer_bits = {n: list(b) if isinstance(b, (list, tuple)) else b
+                           for n, b in layer_bits.items()}
         self.modules_to_not_convert = list(modules_to_not_convert)
         self.method = method
         self.scale_dtype = scale_dtype
@@ -131,14 +143,14 @@ class QraConfig(QuantizationConfigMixin):
     @classmethod
     def from_model(cls, model: nn.Module) -> "QraConfig":
         """The config describing a model already quantized with ``quantize_model``: exactly
-        its ``QRALinear`` layers (their bits), the most common group size."""
-        layers = qra_layers(model)
-        if not layers:
-            raise ValueError("the model has no QRALinear layer to describe")
-        sizes = [m.group_size for m in layers.values()]
-        dtypes = {str(m.scales.dtype).removeprefix("torch.") for m in layers.values()}
+        its ``QRALinear`` layers and expert groups (their bits), the most common group size."""
+        meta = layer_metadata(model)
+        if not meta:
+            raise ValueError("the model has no QRALinear layer or QRAExperts module to describe")
+        sizes = [m["group_size"] for m in meta.values()]
+        dtypes = {m["scale_dtype"] for m in meta.values()}
         return cls(bits=None, group_size=max(set(sizes), key=sizes.count),
-                   layer_bits={n: m.bits for n, m in layers.items()},
+                   layer_bits=layer_bits_of(meta),
                    scale_dtype=dtypes.pop() if len(dtypes) == 1 else "float16")
 
     def to_allocation(self, model: nn.Module) -> Dict[str, Any]:
@@ -162,31 +174,58 @@ class QraConfig(QuantizationConfigMixin):
         dotted = f".{name}."
         return any(f".{m}." in dotted for m in self.modules_to_not_convert)
 
-    def plan(self, model: nn.Module) -> Dict[str, int]:
-        """``{module name: bits}`` for every layer this config quantizes in ``model``
-        (``nn.Linear`` and ``Conv1D``). A config that quantizes nothing raises."""
+    def plan(self, model: nn.Module) -> Dict[str, Any]:
+        """``{name: bits}`` for every layer this config quantizes in ``model``: ``nn.Linear``,
+        ``Conv1D`` and expert groups (``...experts.gate_up_proj``; bits may be a list, one
+        per expert). A config that quantizes nothing raises; so does one that would quantize
+        part of an experts module (it is quantized whole)."""
         linears = {n: m for n, m in quantizable_layers(model, include_head=True).items()
                    if not isinstance(m, QRALinear)}
-        for name in self.layer_bits:
-            if name not in linears:
-                raise ValueError(f"layer_bits names {name!r}, which is not an nn.Linear or "
-                                 f"Conv1D of the model (e.g. {next(iter(linears), None)!r})")
+        packed = qra_experts(model)
+        groups = {n: s for n, s in expert_shapes(model).items()
+                  if n.rpartition(".")[0] not in packed}
+        wanted = {}
+        for name, b in self.layer_bits.items():
+            found = expert_layer(model, name) if name not in linears else None
+            if name in linears:
+                if isinstance(b, list):
+                    raise ValueError(f"layer_bits[{name!r}]: a list of bits is for expert "
+                                     "groups; a linear layer takes one int")
+                wanted[name] = b
+            elif found is not None and found[0] not in packed:
+                wanted.update({f"{found[0]}.{p}": b for p in found[2]})
+            else:
+                raise ValueError(f"layer_bits names {name!r}, which is not an nn.Linear, Conv1D "
+                                 "or expert group of the model (e.g. "
+                                 f"{next(iter(linears), None)!r})")
         out = {}
-        for name in linears:
-            if name in self.layer_bits:
-                out[name] = self.layer_bits[name]
+        for name in (*linears, *groups):
+            if name in wanted:
+                out[name] = wanted[name]
             elif self.bits is not None and not self.skips(name):
                 out[name] = self.bits
+        by_module: Dict[str, List[str]] = {}
+        for name in groups:
+            by_module.setdefault(name.rpartition(".")[0], []).append(name)
+        for module, names in by_module.items():
+            chosen = [n for n in names if n in out]
+            if chosen and len(chosen) != len(names):
+                left = sorted(set(names) - set(chosen))
+                raise ValueError(f"QraConfig quantizes {chosen} but not {left}: an experts module "
+                                 f"is quantized whole; add {module.rpartition('.')[2]!r} (or "
+                                 f"{module!r}) to modules_to_not_convert to keep it float, or "
+                                 "name every projection")
         if not out:
             kinds = sorted({type(m).__name__ for m in model.modules() if not list(m.children())})
-            raise ValueError("QraConfig quantizes no layer of this model: it has no nn.Linear "
-                             "or Conv1D outside modules_to_not_convert "
+            raise ValueError("QraConfig quantizes no layer of this model: it has no nn.Linear, "
+                             "Conv1D or experts module outside modules_to_not_convert "
                              f"{self.modules_to_not_convert} (its leaf modules: {kinds[:8]})")
         return out
 
 
 def layer_metadata(model: nn.Module) -> Dict[str, Dict[str, Any]]:
-    """What a reader needs to rebuild each ``QRALinear`` of ``model`` before loading it."""
+    """What a reader needs to rebuild each ``QRALinear`` and ``QRAExperts`` of ``model``
+    before loading it."""
     out = {}
     for name, m in model.named_modules():
         if isinstance(m, QRALinear):
@@ -195,6 +234,25 @@ def layer_metadata(model: nn.Module) -> Dict[str, Dict[str, Any]]:
                          "alpha": m.alpha, "bias": m.bias is not None,
                          "scale_dtype": str(m.scales.dtype).removeprefix("torch."),
                          "lora_dtype": str(m.lora_A.dtype).removeprefix("torch.")}
+        elif isinstance(m, QRAExperts):
+            scales = m._parameters[f"{next(iter(m.projections))}_scales"]
+            out[name] = {"kind": "experts", "group_size": m.group_size,
+                         "bits": {p: b[0] if len(set(b)) == 1 else list(b)
+                                  for p, b in m.bits.items()},
+                         "shapes": {p: list(s) for p, s in m.projections.items()},
+                         "bias": bool(m.has_bias),
+                         "scale_dtype": str(scales.dtype).removeprefix("torch.")}
+    return out
+
+
+def layer_bits_of(meta: Mapping[str, Mapping[str, Any]]) -> Dict[str, Any]:
+    """``{layer name: bits}`` (expert groups by projection) from :func:`layer_metadata`."""
+    out = {}
+    for name, spec in meta.items():
+        if spec.get("kind") == "experts":
+            out.update({f"{name}.{p}": b for p, b in spec["bits"].items()})
+        else:
+            out[name] = spec["bits"]
     return out
 
 
@@ -216,6 +274,22 @@ def _read_layer_metadata(checkpoint_files) -> Optional[Dict[str, Dict[str, Any]]
     return json.loads(meta[METADATA_KEY])
 
 
+def _metadata_from_plan(model: nn.Module, cfg: QraConfig) -> Dict[str, Dict[str, Any]]:
+    """The metadata a checkpoint without ``qra_layers`` implies: the config's plan."""
+    shapes = expert_shapes(model)
+    meta: Dict[str, Dict[str, Any]] = {}
+    for name, b in cfg.plan(model).items():
+        if name in shapes:
+            module, _, proj = name.rpartition(".")
+            spec = meta.setdefault(module, {"kind": "experts", "group_size": cfg.group_size,
+                                            "bits": {}, "shapes": {},
+                                            "scale_dtype": cfg.scale_dtype})
+            spec["bits"][proj], spec["shapes"][proj] = b, list(shapes[name])
+        else:
+            meta[name] = {"bits": b, "group_size": cfg.group_size}
+    return meta
+
+
 def _rename_param(module: nn.Module, old: str, new: str) -> None:
     """Rename a parameter in place, keeping the order of ``module._parameters``."""
     module._parameters = {(new if k == old else k): v for k, v in module._parameters.items()}
@@ -227,7 +301,7 @@ def attach_quantizer(model: nn.Module) -> "QraHfQuantizer":
     (used by :func:`qra_kernels.save_quantized`)."""
     q = getattr(model, "hf_quantizer", None)
     if isinstance(q, QraHfQuantizer):
-        q.quantization_config.layer_bits = {n: m.bits for n, m in qra_layers(model).items()}
+        q.quantization_config.layer_bits = layer_bits_of(layer_metadata(model))
         return q
     cfg = QraConfig.from_model(model)
     q = QraHfQuantizer(cfg, pre_quantized=True)
@@ -262,9 +336,12 @@ class QraHfQuantizer(HfQuantizer):
         meta = _read_layer_metadata(checkpoint_files)
         if meta is None:
             # Without the file's metadata (e.g. a .bin checkpoint), the config lists the bits.
-            meta = {n: {"bits": b, "group_size": cfg.group_size} for n, b in cfg.plan(model).items()}
+            meta = _metadata_from_plan(model, cfg)
         modules = dict(model.named_modules())
         for name, spec in meta.items():
+            if spec.get("kind") == "experts":
+                self._empty_experts(model, modules.get(name), name, spec)
+                continue
             linear = modules.get(name)
             if not (isinstance(linear, nn.Linear) or is_conv1d(linear)):
                 raise ValueError(f"the checkpoint quantizes {name!r}, which is not an nn.Linear "
@@ -285,6 +362,26 @@ class QraHfQuantizer(HfQuantizer):
             replace_module(model, name, layer)
         return model
 
+    def _empty_experts(self, model, source, name: str, spec) -> None:
+        """An empty (meta) QRAExperts described by the checkpoint, in place of ``source``."""
+        cfg = self.quantization_config
+        if source is None or isinstance(source, QRAExperts) or expert_layer(model, name) is None:
+            raise ValueError(f"the checkpoint quantizes the experts {name!r}, which is not an "
+                             f"experts module of this model ({type(source).__name__})")
+        for p, b in spec["bits"].items():
+            key = f"{name}.{p}"
+            if key in cfg.layer_bits and cfg.layer_bits[key] != b:
+                raise ValueError(f"config.json says {key!r} has {cfg.layer_bits[key]} bits, the "
+                                 f"checkpoint's metadata says {b}")
+        layer = QRAExperts(source, dict(spec["bits"]), spec["group_size"],
+                           scale_dtype=_SCALE_DTYPES[spec.get("scale_dtype", cfg.scale_dtype)],
+                           device="meta")
+        shapes = {p: list(s) for p, s in layer.projections.items()}
+        if shapes != spec["shapes"]:
+            raise ValueError(f"the checkpoint's experts {name!r} have shapes {spec['shapes']}, "
+                             f"the model's {shapes}")
+        replace_module(model, name, layer)
+
     def _process_model_after_weight_loading(self, model, **kwargs):
         cfg = self.quantization_config
         if self.pre_quantized:
@@ -294,13 +391,13 @@ class QraHfQuantizer(HfQuantizer):
         else:
             quantize_model(model, cfg, calibration=cfg.calibration, pad=cfg.pad)
         # The config saved with the model names every quantized layer's bits.
-        cfg.layer_bits = {n: m["bits"] for n, m in layer_metadata(model).items()}
+        cfg.layer_bits = layer_bits_of(layer_metadata(model))
         return model
 
     def get_state_dict_and_metadata(self, model):
         layers = layer_metadata(model)
-        self.quantization_config.layer_bits = {n: m["bits"] for n, m in layers.items()}
-        packed = {f"{n}.qweight" for n in layers}
+        self.quantization_config.layer_bits = layer_bits_of(layers)
+        packed = {f"{n}.qweight" for n, m in layers.items() if m.get("kind") != "experts"}
         state_dict = {(k[:-len("qweight")] + PACKED_KEY if k in packed else k): v
                       for k, v in model.state_dict().items()}
         return state_dict, {METADATA_KEY: json.dumps(layers, sort_keys=True),
@@ -310,6 +407,8 @@ class QraHfQuantizer(HfQuantizer):
         for name, m in list(model.named_modules()):
             if isinstance(m, QRALinear):
                 replace_module(model, name, m.dequantize(dtype or torch.float32, merge_lora=True))
+            elif isinstance(m, QRAExperts):
+                replace_module(model, name, m.dequantize(dtype or torch.float32))
         return model
 
     def is_serializable(self, safe_serialization=None) -> bool:

@@ -70,3 +70,52 @@ def test_shipped_cpu_table_covers_smollm2_shapes():
         for b in (2, 3, 4, 8):
             for r in (0, 4, 8, 16, 32, 64):
                 assert t.lookup(n, k, b, r, 1) > 0
+
+
+def _tiny_mixtral():
+    import torch
+    from transformers import MixtralConfig, MixtralForCausalLM
+    torch.manual_seed(0)
+    return MixtralForCausalLM(MixtralConfig(
+        vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, num_local_experts=3,
+        num_experts_per_tok=2)).eval()
+
+
+def test_expert_groups_cost_what_qra_experts_store():
+    from qra_kernels.modules import qra_layers, quantize_model
+    from qra_kernels.moe import qra_experts
+    model = _tiny_mixtral()
+    shapes = linear_shapes(model)
+    groups = [n for n, s in shapes.items() if len(s) == 3]
+    assert groups and all(n.endswith(("experts.gate_up_proj", "experts.down_proj"))
+                          for n in groups)
+    layers = {}
+    for i, (n, s) in enumerate(shapes.items()):
+        if len(s) == 3:  # per-expert bits on one group, one int on the others
+            bits = [2, 4, 8] if n == groups[0] else (3, 4)[i % 2]
+            layers[n] = {"bits": bits, "rank": 0, "shape": list(s)}
+        else:
+            layers[n] = {"bits": (2, 4, 8)[i % 3], "rank": (0, 8)[i % 2], "shape": list(s)}
+    alloc = Allocation(layers=layers, group_size=32)
+    costs = CostModel(shapes, 32)
+    cfg = {n: (s["bits"], s["rank"]) for n, s in layers.items()}
+    quantize_model(model, alloc, method="rtn")
+    measured = (sum(m.memory_bytes() for m in qra_layers(model).values())
+                + sum(m.memory_bytes() for m in qra_experts(model).values()))
+    assert costs.memory_bytes(cfg) == alloc.memory_bytes == measured
+    # Uniform: the rank goes to the 2-D layers only.
+    for rank in (0, 16):
+        uni = {n: (4, 0 if len(s) == 3 else rank) for n, s in shapes.items()}
+        assert costs.uniform_bytes(4, rank) == costs.memory_bytes(uni)
+    with pytest.raises(ValueError, match="expert group.*no LoRA"):
+        costs.layer_bytes(groups[0], 4, 8)
+
+
+def test_search_refuses_expert_groups_by_name():
+    import torch
+    from qra_search.search import run_search
+    model = _tiny_mixtral()
+    tokens = torch.randint(0, 128, (8, 16), generator=torch.Generator().manual_seed(0))
+    with pytest.raises(ValueError, match="routed-expert groups.*experts.gate_up_proj"):
+        run_search(model, tokens, 4.0)
