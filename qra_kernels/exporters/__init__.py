@@ -12,15 +12,24 @@ See docs/EXPORT.md.
 """
 from __future__ import annotations
 
-from .adapters import AdapterTerm, LinearLayer, linear_layers, stack_terms
-from .gptq import NotExportableError, export_gptq, to_gptq
+import importlib
 
+# Names resolve on first use, so ``qra export --help`` does not import torch.
+_EXPORTS = {"AdapterTerm": ".adapters", "LinearLayer": ".adapters", "linear_layers": ".adapters",
+            "stack_terms": ".adapters", "NotExportableError": ".gptq", "export_gptq": ".gptq",
+            "to_gptq": ".gptq", "export_gguf": ".gguf"}  # .gguf imports the gguf package
 __all__ = ["export_gptq", "export_gguf", "to_gptq", "NotExportableError", "linear_layers",
            "stack_terms", "AdapterTerm", "LinearLayer"]
 
 
 def __getattr__(name):
-    if name == "export_gguf":  # imports the gguf package only when asked for
-        from .gguf import export_gguf
-        return export_gguf
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    module = _EXPORTS.get(name)
+    if module is None:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    value = getattr(importlib.import_module(module, __name__), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__():
+    return sorted(set(globals()) | set(__all__))

@@ -58,11 +58,12 @@ def test_every_option_has_help():
 
 
 def test_help_does_not_import_torch():
-    """`qra --help` and `qra search --help` only parse arguments (issue: start-up time)."""
+    """`qra --help` and every `qra X --help` only parse arguments (issue: start-up time)."""
     import subprocess
     import sys
     code = ("import sys; from qra_search import cli\n"
-            "for argv in ([], ['search', '--help']):\n"
+            "for argv in ([], ['demo', '--help'], ['search', '--help'], ['quantize', '--help'],"
+            " ['export', '--help'], ['bench', '--help']):\n"
             "    try: cli.main(argv + ([] if argv else ['--help']))\n"
             "    except SystemExit: pass\n"
             "assert 'torch' not in sys.modules, sorted(m for m in sys.modules if 'torch' in m)[:5]")
