@@ -207,7 +207,7 @@ __global__ void __launch_bounds__(kThreads, 2) tc_kernel(const Params p) {
     const char* st = smem + (it % kStages) * S::kStage;
     const uint32_t* sw = reinterpret_cast<const uint32_t*>(st + S::kA);
     const uint16_t* ssz = reinterpret_cast<const uint16_t*>(st + S::kA + S::kW);
-#pragma unroll 1  // one octet at a time: fewer live registers beside the 32 accumulators
+#pragma unroll
     for (int j = 0; j < 2; ++j) {
       const int item = tid + kThreads * j;
       int n, oct, szi;
@@ -237,6 +237,9 @@ __global__ void __launch_bounds__(kThreads, 2) tc_kernel(const Params p) {
 #pragma unroll
       for (int u = 0; u < 4; ++u) q[u] = magic::h2_mul<BF16>(magic::h2_sub<BF16>(q[u], z2), s2);
       *reinterpret_cast<uint4*>(dst) = make_uint4(q[0], q[1], q[2], q[3]);
+      // One octet at a time (a compiler-only fence: the second octet's loads are not hoisted
+      // above the first one's store), so its temporaries do not pile up on the accumulators.
+      asm volatile("" ::: "memory");
     }
   };
 

@@ -134,7 +134,7 @@ def predict_cuda_decode(kernel: dict, plan: dict, dev_name: str, m: int, n: int,
 
 def predict_triton_decode(kernel: dict, dev_name: str, m: int, n: int, k: int, bits: int,
                           group_size: int, rank: int, block_n: int, block_k: int,
-                          num_warps: int, split_k: int) -> dict:
+                          num_warps: int, split_k: int, num_stages: int = 2) -> dict:
     """The same bounds for the Triton decode kernel (one iteration: a BLOCK_N x BLOCK_K tile
     per program; no cp.async ring on the M = 1 path: one iteration of loads in flight)."""
     dev = DEVICES[dev_name]
@@ -152,7 +152,10 @@ def predict_triton_decode(kernel: dict, dev_name: str, m: int, n: int, k: int, b
     bpsm = _blocks_per_sm(kernel["registers"], threads,
                           kernel.get("meta", {}).get("shared_bytes_launch") or 0, 1, dev)
     resident = min(programs, bpsm * sms)
-    inflight = resident * block_n * block_k * bits // 8
+    # A pipelined loop (cp.async, LDGSTS in the SASS) keeps num_stages - 1 tiles ahead; a plain
+    # one (the M = 1 FMA path) only the tile it is loading.
+    ahead = max(1, num_stages - 1) if kernel.get("features", {}).get("LDGSTS") else 1
+    inflight = resident * ahead * block_n * block_k * bits // 8
     t_inflight = bytes_moved / (inflight / (ASSUMPTIONS["dram_latency_us"] * 1e-6))
     bounds = {"hbm": t_hbm, "issue": t_issue, "tensor": t_tensor, "inflight": t_inflight}
     t_main = max(bounds.values())
@@ -239,7 +242,7 @@ def predict_all(stats: List[dict], plan_fn, devices=("H100-SXM", "H200"), shapes
                                                    DEVICES[dev]["sms"] * cfg["programs_per_sm"])
                             p = predict_triton_decode(tri, dev, m, n, k, bits, group_size, rank,
                                                       cfg["BLOCK_N"], cfg["BLOCK_K"],
-                                                      cfg["num_warps"], split)
+                                                      cfg["num_warps"], split, cfg["num_stages"])
                             p["shape"] = name
                             preds.append(p)
     return {"predictions": preds, "lora_overhead": lora_overheads(preds),
