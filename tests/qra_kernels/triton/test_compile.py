@@ -66,43 +66,38 @@ def test_rank_is_never_a_compile_time_value(subset):
 
 
 @pytest.mark.parametrize("capability", TARGETS)
-def test_compiles_for_gpu_target(subset, capability, tmp_path, monkeypatch):
-    # A fresh cache: compile here, not reuse an earlier run's binaries.
-    monkeypatch.setenv("TRITON_CACHE_DIR", str(tmp_path))
-    _, chosen = subset
-    failures, results = [], []
-    for v in chosen:
-        r = aot._summary(v, capability)
-        results.append(r)
-        if "error" in r:
-            failures.append(f"{r['variant']}: {r['error']}")
-    assert not failures, "\n".join(failures)
-    for r in results:
-        assert r["ptx_target"] == TARGETS[capability], r
-        assert r["ptx_entry"], r
-        assert r["cubin_bytes"] > 0, r
-        # The dequantize-in-the-main-loop kernels must still run on tensor cores.
-        if r["uses_tensor_cores_expected"]:
-            assert r["mma"], r
-
-
-@pytest.mark.parametrize("capability", TARGETS)
-def test_static_gate_no_local_memory(subset, capability, tmp_path, monkeypatch):
-    # The SASS of every variant of the subset: no stack frame, no spill, no LDL/STL; the
-    # streaming kernels read packed words with 16-byte loads (LDG.128 or LDGSTS.128).
+def test_compiles_for_gpu_target_and_passes_the_static_gate(subset, capability, tmp_path,
+                                                           monkeypatch):
+    # A fresh cache: compile here, not reuse an earlier run's binaries. Each variant is
+    # compiled once; its PTX is checked, then its SASS: no stack frame, no spill, no LDL/STL,
+    # and the streaming kernels read packed words with 16-byte loads (LDG.128 or LDGSTS).
     monkeypatch.setenv("TRITON_CACHE_DIR", str(tmp_path / "cache"))
     _, chosen = subset
-    stats = []
+    failures, stats = [], []
     for i, v in enumerate(chosen):
-        compiled = aot.compile_variant(v, capability)
+        try:
+            compiled = aot.compile_variant(v, capability)
+        except Exception as e:  # noqa: BLE001 - one report lists every failure
+            failures.append(f"{v!r}: {type(e).__name__}: {e}"[:2000])
+            continue
+        ptx = compiled.asm.get("ptx", "")
+        target = next((line.split()[1] for line in ptx.splitlines() if line.startswith(".target")),
+                      None)
+        assert target == TARGETS[capability], (v, target)
+        assert f".entry {v.name}" in ptx, v
+        assert len(compiled.asm.get("cubin", b"")) > 0, v
+        # The dequantize-in-the-main-loop kernels must still run on tensor cores.
+        if v.name in ("gemm_kernel", "grad_input_kernel") and not v.constexprs.get("IEEE_DOT", 1):
+            assert "mma.sync" in ptx or "wgmma" in ptx, v
         path = tmp_path / f"v{i}.cubin"
         path.write_bytes(compiled.asm["cubin"])
         for st in static.cubin_stats(str(path)):
             st.name = repr(v)
             st.meta.update(kernel="triton:" + v.name, register_budget=255)
             stats.append((v, st))
-    failures = static.check([st for _, st in stats])
     assert not failures, "\n".join(failures)
+    gate = static.check([st for _, st in stats])
+    assert not gate, "\n".join(gate)
     for v, st in stats:
         if v.name in ("gemv_kernel", "gemm_kernel", "grad_input_kernel"):
             assert st.features["LDG.128"] or st.features["LDGSTS"], (repr(v), st.features)
