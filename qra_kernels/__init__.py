@@ -1,28 +1,50 @@
 """qra_kernels: packed 2/3/4/8-bit group-quantized weights with fused LoRA kernels.
 
 Public API (see the README and docs/): :func:`quantize_weight`, :class:`QuantizedWeight`,
-:func:`qra_linear`, :class:`QRALinear`, :func:`quantize_model`, :func:`set_backend`,
-:func:`build_info`.
+:func:`qra_linear`, :class:`QRALinear`, :class:`Allocation`, :func:`quantize_model`,
+:func:`save_quantized`, :func:`set_backend`, :func:`build_info`, ``QraConfig``.
+
+Names resolve on first use (PEP 562), so ``import qra_kernels`` costs milliseconds and does
+not import torch: the command line's ``--help`` stays fast. Importing the package still
+registers the ``"qra"`` quantization method with transformers whenever transformers is
+imported (:mod:`qra_kernels.integrations`). The ``qra::linear`` operator is registered with
+torch when :mod:`qra_kernels.ops` is first imported — by any of the names above; code that
+calls ``torch.ops.qra.linear`` directly (e.g. a loaded ``torch.export`` program) should
+``import qra_kernels.ops`` first.
 """
 from __future__ import annotations
 
+import importlib
+
 __version__ = "0.1.0"
 
-from .backends import (BackendUnavailableError, available_backends, get_backend,  # noqa: E402
-                       set_backend)
-from .format import (SUPPORTED_BITS, SUPPORTED_GROUP_SIZES, QuantizedWeight,  # noqa: E402
-                     lora_nbytes, packed_nbytes)
-from .modules import QRALinear, quantize_model  # noqa: E402
-from .ops import qra_linear  # noqa: E402
-from .quantizers import quantize_weight  # noqa: E402
-from . import integrations  # noqa: E402,F401 - registers "qra" with transformers when it is imported
+# name -> submodule that defines it
+_EXPORTS = {
+    "BackendUnavailableError": "backends", "available_backends": "backends",
+    "get_backend": "backends", "set_backend": "backends",
+    "SUPPORTED_BITS": "format", "SUPPORTED_GROUP_SIZES": "format",
+    "QuantizedWeight": "format", "lora_nbytes": "format", "packed_nbytes": "format",
+    "Allocation": "allocation", "linear_shapes": "allocation",
+    "QRALinear": "modules", "quantize_model": "modules",
+    "save_quantized": "checkpoint",
+    "qra_linear": "ops",
+    "quantize_weight": "quantizers",
+}
 
-__all__ = [
-    "__version__", "build_info", "set_backend", "get_backend", "available_backends",
-    "BackendUnavailableError", "QuantizedWeight", "quantize_weight", "packed_nbytes",
-    "qra_linear", "QRALinear", "quantize_model", "lora_nbytes", "SUPPORTED_BITS",
-    "SUPPORTED_GROUP_SIZES",
-]
+__all__ = ["__version__", "build_info", *_EXPORTS, "QraConfig"]
+
+
+def __getattr__(name):
+    module = _EXPORTS.get(name)
+    if module is None:
+        raise AttributeError(f"module 'qra_kernels' has no attribute {name!r}")
+    value = getattr(importlib.import_module(f"{__name__}.{module}"), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__():
+    return sorted(set(globals()) | set(__all__))
 
 
 def build_info() -> dict:
@@ -33,6 +55,7 @@ def build_info() -> dict:
     except Exception:  # noqa: BLE001 - any import failure means "no triton"
         triton_version = None
     ext = _extension_info()
+    from .backends import available_backends
     return {
         "version": __version__,
         "cuda_compiled": ext.get("cuda_compiled", False),
@@ -50,3 +73,7 @@ def _extension_info() -> dict:
     except ImportError:
         return {}
     return dict(_C.build_info())
+
+
+# Registers "qra" with transformers when transformers is imported (torch-free here).
+from . import integrations  # noqa: E402,F401

@@ -27,12 +27,14 @@ times the chunk's float size, and it runs on the weight's device (GPU when given
 """
 from __future__ import annotations
 
+from typing import Optional
+
 import torch
 
 from .format import (SCALE_DTYPES, QuantizedWeight, check_bits, check_group_size, pack,
                      padded_in_features)
 
-METHODS = ("rtn", "hqq")
+METHODS = ("rtn", "hqq", "gptq")
 # Which method gave the lower held-out perplexity on SmolLM2-135M, per bit-width (above).
 RECOMMENDED_METHOD = {2: "hqq", 3: "rtn", 4: "hqq", 8: "rtn"}
 
@@ -53,13 +55,23 @@ _CLIP_GRID = (1.0, 0.95, 0.9, 0.85, 0.8, 0.75, 0.7)
 
 
 def quantize_weight(weight: torch.Tensor, bits: int, group_size: int = 64, method: str = "hqq",
-                    *, scale_dtype: torch.dtype = torch.float16, pad: bool = False
-                    ) -> QuantizedWeight:
+                    hessian: Optional[torch.Tensor] = None, *,
+                    scale_dtype: torch.dtype = torch.float16, pad: bool = False,
+                    **gptq_options) -> QuantizedWeight:
     """Quantize ``weight [out_features, in_features]`` to ``bits`` with groups along the input.
 
+    ``method="gptq"`` needs ``hessian``: the layer's ``X^T X`` (any positive multiple, e.g.
+    ``2·XᵀX/n``) over calibration inputs ``X [n, in_features]``, as
+    :func:`qra_kernels.calibration.layer_hessians` returns it. Its options (keyword-only,
+    defaults measured best in docs/QUANTIZERS.md) are those of
+    :func:`qra_kernels.gptq.gptq_quantize`: ``damp`` (fraction of the mean diagonal added),
+    ``block_size``, ``act_order``, ``group_params`` (``"mse"``, ``"minmax"``, ``"rtn"``) and
+    ``refit``. ``rtn`` and ``hqq`` take neither a hessian nor options.
+
     ``pad=True`` allows an ``in_features`` that ``group_size`` does not divide: the last
-    group is padded (with copies of the last column, so min/max are unchanged), the
-    padding is stored and ignored by every kernel.
+    group is padded (the parameters are chosen as if the padding were copies of the last
+    column, so min/max are unchanged); the padding codes are stored as 0 and ignored by
+    every kernel.
     """
     if not isinstance(weight, torch.Tensor):
         raise TypeError(f"weight must be a torch.Tensor, got {type(weight).__name__}")
@@ -81,10 +93,32 @@ def quantize_weight(weight: torch.Tensor, bits: int, group_size: int = 64, metho
         raise ValueError(
             f"group_size={group_size} does not divide in_features={k}; pass pad=True or a "
             f"group size that divides it")
+    if method == "gptq":
+        if hessian is None:
+            raise ValueError("hessian is required for method='gptq': the layer's X^T X "
+                             "[in_features, in_features] from calibration inputs "
+                             "(qra_kernels.calibration.layer_hessians)")
+        from .gptq import check_hessian
+        hessian = check_hessian(hessian, k)
+    else:
+        if hessian is not None:
+            raise ValueError(f"hessian is only used by method='gptq'; method={method!r} is "
+                             f"calibration-free (pass hessian=None)")
+        if gptq_options:
+            raise TypeError(f"method={method!r} takes no option(s) "
+                            f"{sorted(gptq_options)} (they are method='gptq' options)")
     if not bool(torch.isfinite(weight).all()):
         raise ValueError("weight contains NaN or Inf")
 
     kp = padded_in_features(k, group_size)
+    if method == "gptq":
+        from .gptq import gptq_quantize
+        w = weight.to(torch.float32)
+        if kp != k:
+            w = torch.cat([w, w[:, -1:].expand(-1, kp - k)], dim=1)
+        q, s, z = gptq_quantize(w, hessian, bits, group_size, scale_dtype, k, **gptq_options)
+        return QuantizedWeight(pack(q, bits), s.t().contiguous(), z.t().contiguous(), bits,
+                               group_size, (n, k))
     rows_per_chunk = max(1, _CHUNK_ELEMENTS // kp)
     codes, scales, zeros = [], [], []
     for start in range(0, n, rows_per_chunk):
@@ -93,7 +127,10 @@ def quantize_weight(weight: torch.Tensor, bits: int, group_size: int = 64, metho
             w = torch.cat([w, w[:, -1:].expand(-1, kp - k)], dim=1)
         q, s, z = _quantize_groups(w.view(w.shape[0], kp // group_size, group_size), bits,
                                    method, scale_dtype)
-        codes.append(pack(q.view(w.shape[0], kp), bits))
+        q = q.view(w.shape[0], kp)
+        if kp != k:
+            q[:, k:] = 0  # docs/FORMAT.md: padding codes are 0
+        codes.append(pack(q, bits))
         scales.append(s.t())
         zeros.append(z.t())
     return QuantizedWeight(torch.cat(codes, dim=1).contiguous(),
@@ -215,3 +252,13 @@ def _hqq_params(w, qmax):
         s, z = _lsq_refit(w, q, s, z)
         consider(s, z)
     return best_s, best_z
+
+
+def method_for_bits(bits: int, method: str) -> str:
+    """The quantizer a bit-width gets: ``method`` itself, or for ``"recommended"`` the
+    measured best one (:data:`RECOMMENDED_METHOD`)."""
+    if method == "recommended":
+        return RECOMMENDED_METHOD[bits]
+    if method not in METHODS:
+        raise ValueError(f"method must be 'recommended' or one of {METHODS}, got {method!r}")
+    return method

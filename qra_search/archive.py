@@ -1,8 +1,11 @@
 """The on-disk, append-only archive of every evaluation, and the Pareto front.
 
-One JSON object per line. The first line is the header: the search's settings (model
-fingerprint, tokens, budget, choices, seed...). Every later line is one evaluation:
-``{"key", "fidelity", "quality", "memory_bytes", "latency_us", "stage", "config"}``.
+One JSON object per line. The first line is the header: what the evaluations depend on
+(model fingerprint, calibration tokens, quantizer, proxy settings, seed; see
+:data:`qra_search.config.IDENTITY_FIELDS`). Every later line is one evaluation:
+``{"key", "fidelity", "quality", "memory_bytes", "latency_us", "stage", "seconds",
+"config"}``, or an event (``{"event": "stage", "stage", "seconds", "interrupted",
+"peak_rss_mb", "rss_mb"}``, written as each stage of a run ends).
 Each line is flushed and fsync'ed as it is written, so a killed search loses at most the
 evaluation in flight; a torn last line is dropped on reading. ``--resume`` re-reads the
 file and answers every evaluation it holds without recomputing it; because the search is
@@ -14,12 +17,15 @@ import json
 import os
 from typing import Dict, Iterable, List, Optional, Sequence, Tuple
 
+from qra_kernels._io import atomic_write
+
 
 class Archive:
     def __init__(self, path: Optional[str], header: dict, resume: bool = False):
         """``path=None`` keeps the archive in memory only."""
         self.path, self.header = path, dict(header)
         self.records: List[dict] = []
+        self.events: List[dict] = []
         self._index: Dict[Tuple[str, str], dict] = {}
         if path is None:
             return
@@ -57,10 +63,9 @@ class Archive:
                                  f"({k}: {old.get(k)!r} there, {self.header.get(k)!r} now); "
                                  "use a new --archive path")
         # Rewrite without any torn tail so later appends start on a clean line.
-        with open(self.path + ".tmp", "w") as f:
+        with atomic_write(self.path) as f:
             for rec in good:
                 f.write(json.dumps(rec) + "\n")
-        os.replace(self.path + ".tmp", self.path)
         for rec in good[1:]:
             self._add(rec)
 
@@ -73,8 +78,25 @@ class Archive:
             os.fsync(f.fileno())
 
     def _add(self, rec: dict) -> None:
+        if "event" in rec:
+            self.events.append(rec)
+            return
         self.records.append(rec)
         self._index[(rec["key"], rec["fidelity"])] = rec
+
+    def event(self, rec: dict) -> None:
+        """Append an event line (see the module docstring)."""
+        self._write_line(rec)
+        self._add(rec)
+
+    def stage_seconds(self) -> Dict[str, float]:
+        """Seconds per stage summed over every run of this archive, and their total."""
+        out: Dict[str, float] = {}
+        for e in self.events:
+            if e.get("event") == "stage":
+                out[e["stage"]] = out.get(e["stage"], 0.0) + float(e["seconds"])
+        out["total"] = sum(out.values())
+        return out
 
     def get(self, key: str, fidelity: str) -> Optional[dict]:
         return self._index.get((key, fidelity))

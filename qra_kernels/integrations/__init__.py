@@ -33,13 +33,20 @@ def register_with_transformers() -> None:
 
 
 class _RegisterOnImport(importlib.abc.MetaPathFinder):
-    """Runs :func:`register_with_transformers` right after transformers' quantizer registry
-    module has executed, however transformers gets imported (user code, Trainer, PEFT)."""
+    """Runs callbacks right after matching modules have executed, however they get imported
+    (user code, Trainer, PEFT): ``transformers.quantizers.auto`` → register ``"qra"``; the
+    first transformers modeling module → guard ``from_pretrained`` (by then
+    ``transformers.modeling_utils`` is complete; see
+    :func:`qra_kernels.integrations.transformers._guard_from_pretrained`)."""
 
     _busy = False
+    watchers: list = []  # [(predicate(fullname) -> bool, callback)], each fires once
 
     def find_spec(self, fullname, path, target=None):
-        if fullname != _TRIGGER or self._busy:
+        if self._busy:
+            return None
+        hits = [w for w in self.watchers if w[0](fullname)]
+        if not hits:
             return None
         self._busy = True
         try:
@@ -49,6 +56,8 @@ class _RegisterOnImport(importlib.abc.MetaPathFinder):
         if spec is None or spec.loader is None:
             return None
         inner = spec.loader
+        for w in hits:
+            self.watchers.remove(w)
 
         class _Loader(importlib.abc.Loader):
             def create_module(self, spec):
@@ -56,11 +65,24 @@ class _RegisterOnImport(importlib.abc.MetaPathFinder):
 
             def exec_module(self, module):
                 inner.exec_module(module)
-                _remove_hook()
-                register_with_transformers()
+                if not _RegisterOnImport.watchers:
+                    _remove_hook()
+                for _, callback in hits:
+                    callback()
 
         spec.loader = _Loader()
         return spec
+
+
+def after_import(predicate, callback) -> None:
+    """Call ``callback`` once right after the next import of a module ``predicate``
+    accepts (a module name or a function of it)."""
+    if isinstance(predicate, str):
+        name = predicate
+        predicate = lambda fullname: fullname == name  # noqa: E731
+    _RegisterOnImport.watchers.append((predicate, callback))
+    if not any(isinstance(f, _RegisterOnImport) for f in sys.meta_path):
+        sys.meta_path.insert(0, _RegisterOnImport())
 
 
 def _remove_hook() -> None:
@@ -71,7 +93,7 @@ def _install() -> None:
     if _TRIGGER in sys.modules:
         register_with_transformers()
     elif not any(isinstance(f, _RegisterOnImport) for f in sys.meta_path):
-        sys.meta_path.insert(0, _RegisterOnImport())
+        after_import(_TRIGGER, register_with_transformers)
 
 
 def __getattr__(name):

@@ -27,7 +27,7 @@ from typing import Any, List, Optional
 import torch
 from torch import nn
 
-from ..modules import QRALinear
+from ..modules import QRALinear, replace_module
 from ..ops import check_linear_args, linear_packed
 
 __all__ = ["QraLoraLinear", "register", "lora_config", "load", "export_dense",
@@ -227,10 +227,10 @@ def lora_config(model: nn.Module, allocation=None, **kwargs: Any) -> LoraConfig:
         raise ValueError(f"{clash} are set by the allocation; change the allocation instead "
                          "(per-layer 'rank' and 'alpha')")
     if isinstance(allocation, (str, bytes)) or hasattr(allocation, "__fspath__"):
-        from qra_search import Allocation
+        from ..allocation import Allocation
         allocation = Allocation.load(allocation)
     elif isinstance(allocation, dict):
-        from qra_search import Allocation
+        from ..allocation import Allocation
         allocation = Allocation.from_dict(allocation)
     for name, spec in allocation.layers.items():
         if spec.get("rank", 0) <= 0:
@@ -252,12 +252,6 @@ def load(model: nn.Module, path: str, adapter_name: str = "default", is_trainabl
     config.inference_mode = not is_trainable
     return PeftModel.from_pretrained(model, path, adapter_name=adapter_name, config=config,
                                      is_trainable=is_trainable, **kwargs)
-
-
-def _replace(root: nn.Module, name: str, module: nn.Module) -> None:
-    parent_name, _, child = name.rpartition(".")
-    parent = root.get_submodule(parent_name) if parent_name else root
-    setattr(parent, child, module)
 
 
 @torch.no_grad()
@@ -282,10 +276,10 @@ def export_dense(model: nn.Module, dtype: torch.dtype = torch.bfloat16) -> nn.Mo
                 for a in m.active_adapters:
                     if a in m.lora_A:
                         dense.weight += m.get_delta_weight(a).float()
-            _replace(root, name, dense.to(dtype))
+            replace_module(root, name, dense.to(dtype))
             done.append(name)
         elif isinstance(m, QRALinear):
-            _replace(root, name, m.dequantize(dtype, merge_lora=True))
+            replace_module(root, name, m.dequantize(dtype, merge_lora=True))
     if isinstance(model, PeftModel):
         root = model.merge_and_unload()  # any LoRA layers on ordinary nn.Linear modules
     hf_quantizer = getattr(root, "hf_quantizer", None)

@@ -37,9 +37,11 @@ from transformers.quantizers.base import HfQuantizer
 from transformers.utils.quantization_config import QuantizationConfigMixin
 
 from ..format import FORMAT_VERSION, check_bits, check_group_size
-from ..modules import QRALinear, quantize_model
+from ..modules import (QRALinear, dense_weight, is_conv1d, qra_layers, quantizable_layers,
+                       quantize_model, replace_module)
 
-__all__ = ["QraConfig", "QraHfQuantizer", "register", "METHOD", "layer_metadata"]
+__all__ = ["QraConfig", "QraHfQuantizer", "register", "METHOD", "layer_metadata",
+           "attach_quantizer"]
 
 METHOD = "qra"
 METADATA_KEY = "qra_layers"
@@ -47,6 +49,7 @@ PACKED_KEY = "weight"  # checkpoint key of QRALinear.qweight (see the module doc
 _SCALE_DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16}
 _CONFIG_FIELDS = ("bits", "group_size", "layer_bits", "modules_to_not_convert", "method",
                   "scale_dtype", "pad")
+_METHODS = ("hqq", "rtn", "gptq", "recommended")
 
 
 class QraConfig(QuantizationConfigMixin):
@@ -60,15 +63,21 @@ class QraConfig(QuantizationConfigMixin):
             (:meth:`from_allocation`). Names that are not linear layers of the model raise.
         modules_to_not_convert: module names, or runs of whole dotted components of them
             (``"mlp"``, ``"layers.0"``), left in floating point; ``["lm_head"]`` by default (often tied to the embeddings).
-        method: ``"hqq"`` (default) or ``"rtn"``, see :func:`qra_kernels.quantize_weight`.
+        method: ``"hqq"`` (default), ``"rtn"``, ``"gptq"`` (needs ``calibration``) or
+            ``"recommended"`` (the measured best per bit-width), see
+            :func:`qra_kernels.quantize_weight`.
         scale_dtype: ``"float16"`` or ``"bfloat16"`` for the stored scales and zeros.
         pad: pad the input dimension up to a multiple of ``group_size`` where it is not one.
+        calibration: for ``method="gptq"``: token ids ``[n_blocks, seq_len]`` (a LongTensor
+            or lists of ints) the Hessians are measured on. Used while loading only; not
+            saved with the config.
     """
 
     def __init__(self, bits: Optional[int] = 4, group_size: int = 64,
                  layer_bits: Optional[Mapping[str, int]] = None,
                  modules_to_not_convert: Optional[Iterable[str]] = None, method: str = "hqq",
-                 scale_dtype: str = "float16", pad: bool = False, **kwargs: Any):
+                 scale_dtype: str = "float16", pad: bool = False, calibration=None,
+                 **kwargs: Any):
         kwargs.pop("quant_method", None)
         if kwargs:
             raise TypeError(f"QraConfig got unknown argument(s) {sorted(kwargs)}; "
@@ -93,8 +102,8 @@ class QraConfig(QuantizationConfigMixin):
         if isinstance(modules_to_not_convert, str) or not all(
                 isinstance(m, str) for m in modules_to_not_convert):
             raise TypeError("modules_to_not_convert must be a list of module names")
-        if method not in ("hqq", "rtn"):
-            raise ValueError(f"method must be 'hqq' or 'rtn', got {method!r}")
+        if method not in _METHODS:
+            raise ValueError(f"method must be one of {_METHODS}, got {method!r}")
         if scale_dtype not in _SCALE_DTYPES:
             raise ValueError(f"scale_dtype must be 'float16' or 'bfloat16', got {scale_dtype!r}")
         if not isinstance(pad, bool):
@@ -106,6 +115,7 @@ class QraConfig(QuantizationConfigMixin):
         self.method = method
         self.scale_dtype = scale_dtype
         self.pad = pad
+        self.calibration = calibration
 
     @classmethod
     def from_allocation(cls, allocation, **kwargs) -> "QraConfig":
@@ -117,6 +127,26 @@ class QraConfig(QuantizationConfigMixin):
         kwargs.setdefault("bits", None)
         kwargs.setdefault("group_size", group_size)
         return cls(layer_bits={n: s["bits"] for n, s in layers.items()}, **kwargs)
+
+    @classmethod
+    def from_model(cls, model: nn.Module) -> "QraConfig":
+        """The config describing a model already quantized with ``quantize_model``: exactly
+        its ``QRALinear`` layers (their bits), the most common group size."""
+        layers = qra_layers(model)
+        if not layers:
+            raise ValueError("the model has no QRALinear layer to describe")
+        sizes = [m.group_size for m in layers.values()]
+        dtypes = {str(m.scales.dtype).removeprefix("torch.") for m in layers.values()}
+        return cls(bits=None, group_size=max(set(sizes), key=sizes.count),
+                   layer_bits={n: m.bits for n, m in layers.items()},
+                   scale_dtype=dtypes.pop() if len(dtypes) == 1 else "float16")
+
+    def to_allocation(self, model: nn.Module) -> Dict[str, Any]:
+        """The allocation :func:`qra_kernels.quantize_model` takes (rank 0 everywhere:
+        adapters come from PEFT)."""
+        return {"layers": {n: {"bits": b} for n, b in self.plan(model).items()},
+                "group_size": self.group_size, "method": self.method,
+                "scale_dtype": self.scale_dtype}
 
     def to_dict(self) -> Dict[str, Any]:
         d = {"quant_method": METHOD}
@@ -133,18 +163,25 @@ class QraConfig(QuantizationConfigMixin):
         return any(f".{m}." in dotted for m in self.modules_to_not_convert)
 
     def plan(self, model: nn.Module) -> Dict[str, int]:
-        """``{module name: bits}`` for every layer this config quantizes in ``model``."""
-        linears = {n: m for n, m in model.named_modules() if isinstance(m, nn.Linear)}
+        """``{module name: bits}`` for every layer this config quantizes in ``model``
+        (``nn.Linear`` and ``Conv1D``). A config that quantizes nothing raises."""
+        linears = {n: m for n, m in quantizable_layers(model, include_head=True).items()
+                   if not isinstance(m, QRALinear)}
         for name in self.layer_bits:
             if name not in linears:
-                raise ValueError(f"layer_bits names {name!r}, which is not an nn.Linear of "
-                                 f"the model (e.g. {next(iter(linears), None)!r})")
+                raise ValueError(f"layer_bits names {name!r}, which is not an nn.Linear or "
+                                 f"Conv1D of the model (e.g. {next(iter(linears), None)!r})")
         out = {}
         for name in linears:
             if name in self.layer_bits:
                 out[name] = self.layer_bits[name]
             elif self.bits is not None and not self.skips(name):
                 out[name] = self.bits
+        if not out:
+            kinds = sorted({type(m).__name__ for m in model.modules() if not list(m.children())})
+            raise ValueError("QraConfig quantizes no layer of this model: it has no nn.Linear "
+                             "or Conv1D outside modules_to_not_convert "
+                             f"{self.modules_to_not_convert} (its leaf modules: {kinds[:8]})")
         return out
 
 
@@ -184,10 +221,19 @@ def _rename_param(module: nn.Module, old: str, new: str) -> None:
     module._parameters = {(new if k == old else k): v for k, v in module._parameters.items()}
 
 
-def _set_module(model: nn.Module, name: str, module: nn.Module) -> None:
-    parent_name, _, child = name.rpartition(".")
-    parent = model.get_submodule(parent_name) if parent_name else model
-    setattr(parent, child, module)
+def attach_quantizer(model: nn.Module) -> "QraHfQuantizer":
+    """Make a model quantized by :func:`qra_kernels.quantize_model` look to transformers
+    like one loaded with ``QraConfig``, so ``save_pretrained`` writes the packed checkpoint
+    (used by :func:`qra_kernels.save_quantized`)."""
+    q = getattr(model, "hf_quantizer", None)
+    if isinstance(q, QraHfQuantizer):
+        q.quantization_config.layer_bits = {n: m.bits for n, m in qra_layers(model).items()}
+        return q
+    cfg = QraConfig.from_model(model)
+    q = QraHfQuantizer(cfg, pre_quantized=True)
+    model.hf_quantizer = q
+    model.config.quantization_config = cfg
+    return q
 
 
 class QraHfQuantizer(HfQuantizer):
@@ -220,20 +266,23 @@ class QraHfQuantizer(HfQuantizer):
         modules = dict(model.named_modules())
         for name, spec in meta.items():
             linear = modules.get(name)
-            if not isinstance(linear, nn.Linear):
+            if not (isinstance(linear, nn.Linear) or is_conv1d(linear)):
                 raise ValueError(f"the checkpoint quantizes {name!r}, which is not an nn.Linear "
-                                 f"of this model ({type(linear).__name__})")
+                                 f"or Conv1D of this model ({type(linear).__name__})")
             if name in cfg.layer_bits and cfg.layer_bits[name] != spec["bits"]:
                 raise ValueError(f"config.json says {name!r} has {cfg.layer_bits[name]} bits, "
                                  f"the checkpoint's metadata says {spec['bits']}")
-            layer = QRALinear(linear.in_features, linear.out_features, spec["bits"],
-                              spec["group_size"], spec.get("rank", 0), spec.get("alpha"),
-                              bias=linear.bias is not None,
+            n, k = dense_weight(linear).shape
+            dtype = linear.weight.dtype if linear.weight.is_floating_point() else None
+            layer = QRALinear(k, n, spec["bits"], spec["group_size"], spec.get("rank", 0),
+                              spec.get("alpha"), bias=linear.bias is not None,
                               scale_dtype=_SCALE_DTYPES[spec.get("scale_dtype", cfg.scale_dtype)],
                               lora_dtype=getattr(torch, spec.get("lora_dtype", "float32")),
-                              device="meta")
+                              device="meta",
+                              dtype=dtype if dtype in (torch.float32, torch.float16,
+                                                       torch.bfloat16) else None)
             _rename_param(layer, "qweight", PACKED_KEY)  # loads from the file's key
-            _set_module(model, name, layer)
+            replace_module(model, name, layer)
         return model
 
     def _process_model_after_weight_loading(self, model, **kwargs):
@@ -243,11 +292,7 @@ class QraHfQuantizer(HfQuantizer):
                 if isinstance(m, QRALinear) and PACKED_KEY in m._parameters:
                     _rename_param(m, PACKED_KEY, "qweight")
         else:
-            plan = cfg.plan(model)
-            quantize_model(model, {"layers": {n: {"bits": b} for n, b in plan.items()},
-                                   "group_size": cfg.group_size},
-                           method=cfg.method, scale_dtype=_SCALE_DTYPES[cfg.scale_dtype],
-                           pad=cfg.pad)
+            quantize_model(model, cfg, calibration=cfg.calibration, pad=cfg.pad)
         # The config saved with the model names every quantized layer's bits.
         cfg.layer_bits = {n: m["bits"] for n, m in layer_metadata(model).items()}
         return model
@@ -264,7 +309,7 @@ class QraHfQuantizer(HfQuantizer):
     def _dequantize(self, model, dtype=None):
         for name, m in list(model.named_modules()):
             if isinstance(m, QRALinear):
-                _set_module(model, name, m.dequantize(dtype or torch.float32, merge_lora=True))
+                replace_module(model, name, m.dequantize(dtype or torch.float32, merge_lora=True))
         return model
 
     def is_serializable(self, safe_serialization=None) -> bool:
@@ -283,6 +328,47 @@ class QraHfQuantizer(HfQuantizer):
         return True
 
 
+def _guard_from_pretrained() -> None:
+    """Refuse, loudly, a directory of qra's first checkpoint layout in ``from_pretrained``
+    (transformers would load it with random projections: its config has no
+    ``quantization_config``, so no quantizer of ours is ever asked).
+
+    ``from_pretrained`` resolves its quantizer through ``get_hf_quantizer`` with the loaded
+    config, whose ``name_or_path`` is the directory: wrapping that function sees every load
+    (direct model classes and Auto classes alike) at the cost of a stat and a header read
+    for local directories. It is wrapped where it is defined (``quantizers.auto``, which
+    triggers this registration, so ``modeling_utils`` binds the wrapper if it is still
+    importing) and, if ``modeling_utils`` already bound it, there too."""
+    import functools
+    import os
+    import sys
+
+    original = _auto.get_hf_quantizer
+    if getattr(original, "_qra_guarded", False):
+        return
+
+    @functools.wraps(original)
+    def get_hf_quantizer(config, *args, **kwargs):
+        path = getattr(config, "name_or_path", None)
+        if not path:
+            # A model class's own from_pretrained sets name_or_path only later; its argument
+            # is a local of the calling frame (transformers' name for it since v2).
+            path = sys._getframe(1).f_locals.get("pretrained_model_name_or_path")
+        if isinstance(path, os.PathLike):
+            path = os.fspath(path)
+        if isinstance(path, str) and path and kwargs.get("gguf_file") is None \
+                and os.path.isdir(path):
+            from ..checkpoint import refuse_legacy
+            refuse_legacy(path)
+        return original(config, *args, **kwargs)
+
+    get_hf_quantizer._qra_guarded = True
+    _auto.get_hf_quantizer = get_hf_quantizer
+    mu = sys.modules.get("transformers.modeling_utils")
+    if mu is not None and getattr(mu, "get_hf_quantizer", None) is original:
+        mu.get_hf_quantizer = get_hf_quantizer
+
+
 def register() -> None:
     """Make ``"qra"`` known to transformers' quantization registries (idempotent).
 
@@ -298,6 +384,7 @@ def register() -> None:
             mapping[METHOD] = cls
         else:
             reg(METHOD)(cls)
+    _guard_from_pretrained()
 
 
 register()

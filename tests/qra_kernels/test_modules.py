@@ -215,3 +215,88 @@ def test_from_linear_and_forward_bad_input():
         bad.weight[0, 0] = float("nan")
     with pytest.raises(ValueError, match="NaN"):
         qk.QRALinear.from_linear(bad)
+
+
+def test_weight_stands_in_for_nn_linear():
+    """Modeling code reads `.weight` (dtype, device, shape); it is value-less and follows
+    module.to(dtype)."""
+    layer = qk.QRALinear.from_linear(linear(), bits=4, rank=2)
+    w = layer.weight
+    assert w.shape == (40, 128) and w.dtype == torch.float32 and w.device == layer.qweight.device
+    assert w.untyped_storage().nbytes() <= 8  # no memory behind the view
+    layer.to(torch.bfloat16)
+    assert layer.weight.dtype == torch.bfloat16 and layer.scales.dtype == torch.float16
+    assert "weight" not in layer.state_dict() and "weight" not in dict(layer.named_parameters())
+    bf = nn.Linear(128, 40).to(torch.bfloat16)
+    assert qk.QRALinear.from_linear(bf, bits=8).weight.dtype == torch.bfloat16
+
+
+def test_conv1d_is_quantized_as_the_linear_it_is():
+    from transformers.pytorch_utils import Conv1D
+    torch.manual_seed(0)
+    conv = Conv1D(48, 64)  # nf=48 outputs, nx=64 inputs; weight [64, 48]
+    nn.init.normal_(conv.weight, std=0.1)
+    nn.init.normal_(conv.bias, std=0.1)
+    model = nn.Sequential(conv)
+    x = torch.randn(3, 64)
+    y = model(x)
+    qk.quantize_model(model, {"group_size": 32, "layers": {"0": {"bits": 8, "rank": 3}}},
+                      method="rtn", lora_init="svd")
+    layer = model[0]
+    assert isinstance(layer, qk.QRALinear) and (layer.in_features, layer.out_features) == (64, 48)
+    torch.testing.assert_close(model(x), y, rtol=0.02, atol=0.02)
+
+
+def test_svd_init_adapter_is_the_error_best_approximation():
+    lin = linear()
+    layer = qk.QRALinear.from_linear(lin, bits=2, group_size=32, rank=8, alpha=16,
+                                     method="rtn", lora_init="svd")
+    err = lin.weight.detach() - layer.quantized_weight.dequantize()
+    approx = (layer.scaling * layer.lora_B @ layer.lora_A).detach()
+    s = torch.linalg.svdvals(err)
+    assert float(torch.linalg.matrix_norm(err - approx)) ** 2 == pytest.approx(
+        float((s[8:] ** 2).sum()), rel=1e-3)
+    with pytest.raises(ValueError, match="lora_init"):
+        qk.QRALinear.from_linear(lin, rank=2, lora_init="loftq")
+
+
+def test_quantize_model_says_what_it_did(caplog):
+    import logging
+    model = Tiny()
+    with caplog.at_level(logging.INFO, logger="qra_kernels"):
+        qk.quantize_model(model, {"group_size": 32, "layers": {"up": {"bits": 4}}})
+    text = caplog.text
+    assert "1 layers quantized" in text
+    assert "stay float" in text and "head" in text  # most weights left float: a warning
+    with pytest.raises(ValueError, match="quantizes no layer"):
+        qk.quantize_model(Tiny(), {"group_size": 32, "layers": {}})
+
+
+def test_quantize_model_with_gptq_needs_calibration_and_beats_rtn():
+    from transformers import LlamaConfig, LlamaForCausalLM
+    torch.manual_seed(0)
+    cfg = LlamaConfig(vocab_size=128, hidden_size=64, intermediate_size=128,
+                      num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2)
+    ids = torch.randint(0, 128, (8, 32), generator=torch.Generator().manual_seed(1))
+
+    def fresh():
+        torch.manual_seed(0)
+        return LlamaForCausalLM(cfg).eval()
+    ref = fresh()
+    with torch.no_grad():
+        want = ref(ids).logits.log_softmax(-1)
+    alloc = qk.Allocation.uniform(ref, 3, 0, group_size=32)
+    with pytest.raises(ValueError, match="calibration"):
+        qk.quantize_model(fresh(), alloc, method="gptq")
+    with pytest.raises(ValueError, match="only used by method='gptq'"):
+        qk.quantize_model(fresh(), alloc, method="rtn", calibration=ids)
+    kl = {}
+    for method in ("rtn", "gptq"):
+        m = qk.quantize_model(fresh(), alloc, method=method,
+                              calibration=ids if method == "gptq" else None)
+        assert len(qra_layers(m)) == 14
+        with torch.no_grad():
+            got = m(ids).logits.log_softmax(-1)
+        kl[method] = float(torch.nn.functional.kl_div(got, want, log_target=True,
+                                                      reduction="batchmean"))
+    assert kl["gptq"] < kl["rtn"]

@@ -95,10 +95,24 @@ def test_hqq_not_worse_than_rtn_on_real_weights(smollm2):
 
 def test_constant_and_zero_groups_are_exact():
     w = torch.cat([torch.zeros(2, 32), torch.full((2, 32), 0.37), torch.full((2, 32), -5.0)], 1)
-    for method in ("rtn", "hqq"):
+    h = torch.eye(96) + 0.5  # correlated inputs: GPTQ moves error across columns
+    for method in ("rtn", "hqq", "gptq"):
         for bits in BITS:
-            back = qk.quantize_weight(w, bits, 32, method).dequantize()
+            back = qk.quantize_weight(w, bits, 32, method,
+                                      h if method == "gptq" else None).dequantize()
             assert torch.allclose(back, w, rtol=1e-3, atol=0)
+
+
+@pytest.mark.parametrize("method", quantizers.METHODS)
+def test_padding_codes_are_zero(method):
+    # docs/FORMAT.md: the padding columns K..Kp-1 hold code 0 (kernels mask them).
+    w = torch.randn(5, 70)
+    h = torch.eye(70) if method == "gptq" else None
+    for bits in BITS:
+        qw = qk.quantize_weight(w, bits, 64, method, h, pad=True)
+        assert qw.padded_in_features == 128
+        assert int(qw.codes()[:, 70:].max()) == 0
+        assert int(qw.codes()[:, :70].max()) > 0
 
 
 def test_tiny_values_do_not_vanish_or_nan():
@@ -151,7 +165,9 @@ def test_peak_memory_is_a_few_times_the_weight():
     (dict(bits=5), ValueError, "bits"),
     (dict(bits=4.0), TypeError, "bits"),
     (dict(group_size=48), ValueError, "group_size"),
-    (dict(method="gptq"), ValueError, "method"),
+    (dict(method="awq"), ValueError, "method"),
+    (dict(method="gptq"), ValueError, "hessian is required"),
+    (dict(hessian=torch.eye(64)), ValueError, "hessian is only used by method='gptq'"),
     (dict(scale_dtype=torch.float32), TypeError, "scale_dtype"),
     (dict(weight=torch.ones(4, 96)), ValueError, "does not divide"),
     (dict(weight=torch.tensor([[float("nan")] * 64])), ValueError, "NaN"),

@@ -3,7 +3,7 @@ import json
 import pytest
 
 from qra_search import Allocation
-from qra_search.allocation import linear_shapes
+from qra_kernels.allocation import linear_shapes
 from qra_search.costs import CostModel, LatencyTable, measure_latency_table
 
 

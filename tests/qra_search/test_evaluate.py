@@ -3,12 +3,17 @@ import math
 import pytest
 import torch
 
-from qra_search.evaluate import Evaluator, QuantCache, layer_groups, linear_modules
+from qra_search.evaluate import Evaluator, layer_groups, linear_modules
+from qra_search.store import quant_store
 
 
-def _ev(model, tokens, cache_dir=None, max_rank=8):
-    cache = QuantCache(linear_modules(model), 64, max_rank, "rtn", cache_dir)
-    return Evaluator(model, cache, tokens[:3], tokens[3:])
+def _store(model, cache_dir=None, method="rtn"):
+    return quant_store(model, linear_modules(model), group_size=64, method=method,
+                       cache_dir=cache_dir)
+
+
+def _ev(model, tokens, cache_dir=None):
+    return Evaluator(model, _store(model, cache_dir), tokens[:3], tokens[3:])
 
 
 def test_groups_per_block_and_module(model):
@@ -24,15 +29,15 @@ def test_groups_per_block_and_module(model):
 def test_effective_weight_is_qralinear_forward(model):
     """The dense swap the search evaluates is what QRALinear computes."""
     from qra_kernels.modules import QRALinear
-    from qra_search.export import quantize_allocation
+    from qra_search.quantize import apply_allocation
     from qra_search import Allocation
     lin = linear_modules(model)
-    cache = QuantCache(lin, 64, 8, "rtn")
+    store = _store(model)
     name = "model.layers.0.mlp.down_proj"
     x = torch.randn(3, lin[name].in_features)
-    want = x @ cache.effective_weight(name, 3, 4).t()
+    want = x @ store.effective_weight(name, 3, 4).t()
     alloc = Allocation.uniform(model, 3, 4, names=[name])
-    quantize_allocation(model, alloc, cache)
+    apply_allocation(model, alloc, method="rtn", cache_dir=None, store=store)
     layer = model.get_submodule(name)
     assert isinstance(layer, QRALinear)
     with torch.no_grad():
@@ -70,14 +75,49 @@ def test_proxy_finetune_lowers_validation_loss_and_restores(model, tokens):
     assert all(p.requires_grad for p in model.parameters())
 
 
-def test_quant_cache_on_disk_is_reused(model, tmp_path):
-    lin = linear_modules(model)
-    c1 = QuantCache(lin, 64, 8, "rtn", str(tmp_path))
-    e1 = c1.get("model.layers.0.self_attn.q_proj", 3)
-    files = list((tmp_path / "quant").iterdir())
-    assert len(files) == 1
-    c2 = QuantCache(lin, 64, 8, "rtn", str(tmp_path))
-    e2 = c2.get("model.layers.0.self_attn.q_proj", 3)
-    assert torch.equal(e1["dense"], e2["dense"]) and torch.equal(e1["B"], e2["B"])
-    with pytest.raises(ValueError, match="method"):
-        QuantCache(lin, 64, 8, "gptq")
+def test_quant_store_on_disk_is_reused_and_consolidated(model, tmp_path):
+    name = "model.layers.0.self_attn.q_proj"
+    s1 = _store(model, str(tmp_path))
+    e1 = s1.get(name, 3)
+    parts = list((tmp_path / "quant" / "parts").iterdir())
+    assert len(parts) == 1
+    s2 = _store(model, str(tmp_path))
+    e2 = s2.get(name, 3)
+    assert torch.equal(e1["qw"].qweight, e2["qw"].qweight) and torch.equal(e1["B"], e2["B"])
+    s2.fill([3])  # every layer at 3 bits, then one file for the bit-width
+    assert not list((tmp_path / "quant" / "parts").iterdir())
+    bundles = [p for p in (tmp_path / "quant").iterdir() if p.suffix == ".safetensors"]
+    assert len(bundles) == 1
+    e3 = _store(model, str(tmp_path)).get(name, 3)
+    assert torch.equal(e1["qw"].qweight, e3["qw"].qweight) and torch.equal(e1["A"], e3["A"])
+    with pytest.raises(ValueError, match="gptq"):
+        _store(model, method="gptq")
+
+
+def test_factors_do_not_depend_on_how_many_were_kept():
+    """Exact SVD with fixed signs: the leading factors are the same whatever the cap (the
+    search and `qra quantize` may ask for different maximum ranks)."""
+    from qra_kernels import quantize_weight
+    from qra_kernels.lora_init import error_factors
+    w = torch.randn(96, 128)
+    d = quantize_weight(w, 2, 64, "rtn").dequantize()
+    B8, A8, s8 = error_factors(w, d, 8)
+    B64, A64, s64 = error_factors(w, d, 64)
+    assert B8.shape == (96, 8) and A64.shape == (64, 128)
+    assert torch.equal(B8, B64[:, :8]) and torch.equal(A8, A64[:8]) and torch.equal(s8, s64)
+    # and B·A is the best rank-r approximation of the error (Eckart–Young)
+    err = w - d
+    best = torch.linalg.matrix_norm(err - B8 @ A8) ** 2
+    assert best == pytest.approx(float((s8[8:] ** 2).sum()), rel=1e-4)
+
+
+def test_evaluation_leaves_one_copy_of_the_weights(model, tokens, tmp_path):
+    """Float originals live in the store's file, not in memory: after any evaluation the
+    model's linear weights are the only dense copies, and restore() is exact."""
+    before = {n: m.weight.detach().clone() for n, m in linear_modules(model).items()}
+    ev = _ev(model, tokens, str(tmp_path))
+    assert not ev.floats._ram  # on disk
+    ev.kl({n: (2, 8) for n in ev.linears})
+    ev.restore()
+    for n, m in linear_modules(model).items():
+        assert torch.equal(m.weight, before[n]), n

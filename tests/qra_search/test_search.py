@@ -82,7 +82,7 @@ def test_resume_after_interruption_reevaluates_nothing(tokens, tmp_path, make_mo
                        archive=str(arch), **KW)
     finally:
         evaluate.Evaluator.kl = orig
-    lines = arch.read_text().splitlines()
+    lines = [l for l in arch.read_text().splitlines() if '"event"' not in l]
     assert len(lines) == 1 + 9
     with open(arch, "a") as f:
         f.write('{"key": "torn')  # a write cut by the kill
@@ -94,13 +94,68 @@ def test_resume_after_interruption_reevaluates_nothing(tokens, tmp_path, make_mo
     assert resumed.evaluations["cheap"] == full.evaluations["cheap"] - 9
     assert resumed.best.layers == full.best.layers
     assert [o for _, o in resumed.pareto] == [o for _, o in full.pareto]
+    assert resumed.total_timings["total"] > resumed.timings["total"]  # both runs counted
     with pytest.raises(ValueError, match="different search"):
-        run_search(tiny_llama(), tokens, 3.0, seed=1, archive=str(arch), resume=True, **KW)
+        run_search(tiny_llama(), tokens, 3.5, seed=2, archive=str(arch), resume=True, **KW)
+
+
+def test_more_evaluations_extend_a_finished_search(tokens, tmp_path, make_model):
+    """A finished search rerun with more evaluations continues from its archive and ends
+    where an uninterrupted run with that many evaluations ends."""
+    kw = {**KW, "evaluations": 4, "granularity": "module"}
+    arch = str(tmp_path / "ext.jsonl")
+    first = run_search(make_model(), tokens, 3.5, seed=1, cache_dir=str(tmp_path),
+                       archive=arch, **kw)
+    more = run_search(make_model(), tokens, 3.5, seed=1, cache_dir=str(tmp_path),
+                      archive=arch, resume=True, **{**kw, "evaluations": 12})
+    assert more.evaluations["reused"] >= first.evaluations["cheap"] - 2
+    assert more.evaluations["cheap"] > 0
+    fresh = run_search(make_model(), tokens, 3.5, seed=1, cache_dir=str(tmp_path),
+                       archive=str(tmp_path / "fresh.jsonl"), **{**kw, "evaluations": 12})
+    assert more.best.layers == fresh.best.layers
+    assert [o for _, o in more.pareto] == [o for _, o in fresh.pareto]
+
+
+def test_a_search_killed_in_each_stage_resumes_to_the_same_result(tokens, tmp_path, make_model):
+    """Kill (as an exception in the evaluator would) inside stage 0, I, II, III and the
+    proxy stage; each resumed run returns what the uninterrupted run returned."""
+    from qra_search import evaluate, store as store_mod
+    full = run_search(make_model(), tokens, 3.5, seed=4, cache_dir=str(tmp_path / "c0"),
+                      archive=str(tmp_path / "full.jsonl"), **KW)
+    cases = {"quantize": (store_mod.QuantStore, "_compute", 5),
+             "sensitivity": (evaluate.Evaluator, "kl", 3),
+             "exploration": (evaluate.Evaluator, "kl", 14),
+             "refinement": (evaluate.Evaluator, "kl", None),
+             "proxy": (evaluate.Evaluator, "finetune", 1)}
+    n_kl_before_gp = 8 + full.evaluations["cheap"] - KW["refine_steps"]
+    for stage, (cls, meth, after) in cases.items():
+        if after is None:
+            after = n_kl_before_gp + 1  # within the GP steps
+        cache, arch = str(tmp_path / f"c-{stage}"), str(tmp_path / f"{stage}.jsonl")
+        orig, calls = getattr(cls, meth), {"n": 0}
+
+        def killed(self, *a, _orig=orig, _after=after, **k):
+            calls["n"] += 1
+            if calls["n"] > _after:
+                raise KeyboardInterrupt
+            return _orig(self, *a, **k)
+        setattr(cls, meth, killed)
+        try:
+            with pytest.raises(KeyboardInterrupt):
+                run_search(make_model(), tokens, 3.5, seed=4, cache_dir=cache, archive=arch, **KW)
+        finally:
+            setattr(cls, meth, orig)
+        events = [json.loads(l) for l in open(arch) if '"event"' in l]
+        assert events[-1]["stage"] == stage and events[-1]["interrupted"], events
+        resumed = run_search(make_model(), tokens, 3.5, seed=4, cache_dir=cache, archive=arch,
+                             resume=True, **KW)
+        assert resumed.best.layers == full.best.layers, stage
+        assert [o for _, o in resumed.pareto] == [o for _, o in full.pareto], stage
 
 
 def test_latency_budget(model, tokens):
     from qra_search.costs import LatencyTable
-    from qra_search.allocation import linear_shapes
+    from qra_kernels.allocation import linear_shapes
     entries = [{"n": n, "k": k, "bits": b, "rank": r, "m": 1, "us": b * 1.0 + r * 0.1}
                for n, k in set(linear_shapes(model).values()) for b in (2, 3, 4, 8)
                for r in (0, 4, 8)]
@@ -123,3 +178,34 @@ def test_calibration_from_texts_or_id_lists(make_tokenizer):
         tokens_from(["some text"])
     with pytest.raises(ValueError, match="calibration"):
         tokens_from(42)
+
+
+def test_search_with_gptq_hessians_from_more_calibration(model, tokens, tmp_path):
+    """GPTQ in the search: Hessians measured once (float inputs) on their own calibration
+    blocks, cached on disk, and the archive header records which tokens they came from."""
+    import torch
+    hess = torch.randint(0, 256, (12, 32), generator=torch.Generator().manual_seed(5))
+    kw = {**KW, "method": "gptq", "evaluations": 4, "refine_steps": 1}
+    r = run_search(model, tokens, 3.5, cache_dir=str(tmp_path), hessian_calibration=hess,
+                   archive=str(tmp_path / "g.jsonl"), **kw)
+    assert r.best.method == "gptq" and r.best.memory_bytes <= r.budget["memory_bytes"]
+    header = json.loads(open(tmp_path / "g.jsonl").readline())["header"]
+    assert header["method"] == "gptq" and "hessian_tokens" in header
+    assert list((tmp_path / "hessians").iterdir())
+    with pytest.raises(ValueError, match="different search"):  # other Hessian tokens
+        run_search(model, tokens, 3.5, cache_dir=str(tmp_path), hessian_calibration=hess[:6],
+                   archive=str(tmp_path / "g.jsonl"), resume=True, **kw)
+
+
+def test_proxy_trains_on_its_own_blocks(model, tmp_path):
+    """proxy_blocks: the proxy fine-tune trains on calibration blocks disjoint from the KL
+    blocks; too few blocks for them is a clear error."""
+    import torch
+    blocks = torch.randint(0, 256, (7, 32), generator=torch.Generator().manual_seed(8))
+    kw = {**KW, "evaluations": 4, "refine_steps": 0, "n_blocks": 4}
+    r = run_search(model, blocks, 3.5, proxy_blocks=3, archive=str(tmp_path / "p.jsonl"), **kw)
+    assert r.evaluations["proxy"] >= 1
+    header = json.loads(open(tmp_path / "p.jsonl").readline())["header"]
+    assert header["proxy_blocks"] == 3 and "proxy_tokens" in header
+    with pytest.raises(ValueError, match="proxy_blocks=5"):
+        run_search(model, blocks, 3.5, proxy_blocks=5, **kw)

@@ -4,9 +4,10 @@ import json
 import numpy as np
 import pytest
 
-from qra_search.allocation import linear_shapes
+from qra_kernels.allocation import linear_shapes
 from qra_search.costs import CostModel
-from qra_search.evaluate import Evaluator, QuantCache, layer_groups, linear_modules
+from qra_search.evaluate import Evaluator, layer_groups, linear_modules
+from qra_search.store import quant_store
 from qra_search.evolution import Budget, GeneSpace, explore
 from qra_search.refinement import GaussianProcess, expected_improvement, matern52, refine
 from qra_search.sensitivity import profile
@@ -15,8 +16,8 @@ from qra_search.sensitivity import profile
 @pytest.fixture
 def setup(model, tokens, tmp_path):
     lin = linear_modules(model)
-    cache = QuantCache(lin, 64, 8, "rtn", str(tmp_path))
-    ev = Evaluator(model, cache, tokens[:3], tokens[3:])
+    store = quant_store(model, lin, group_size=64, method="rtn", cache_dir=str(tmp_path))
+    ev = Evaluator(model, store, tokens[:3], tokens[3:])
     groups = layer_groups(list(lin), "block")
     costs = CostModel(linear_shapes(model), 64)
     return ev, groups, costs, tmp_path

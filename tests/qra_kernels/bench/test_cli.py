@@ -78,10 +78,15 @@ def test_main_from_args_writes_json_png_and_table(tmp_path, capsys):
     (["--threads", "0"], "--threads"),
 ])
 def test_bad_input_exits_2_with_a_reason(tmp_path, capsys, argv, message):
-    rc = bench.main_from_args(_parse(["--quick", "--no-e2e", "--out", str(tmp_path)] + argv))
+    """The same one-line error format as every other `qra` command."""
+    from qra_search import cli
+    try:
+        rc = cli.main(["bench", "--quick", "--no-e2e", "--out", str(tmp_path)] + argv)
+    except SystemExit as e:  # argparse-level errors (e.g. --threads 0)
+        rc = e.code
     assert rc == 2
     err = capsys.readouterr().err.strip()
-    assert err.startswith("qra bench:") and message in err
+    assert err.startswith("qra bench") and "error:" in err and message in err
     assert len(err.splitlines()) == 1
     assert not list(tmp_path.iterdir())
 

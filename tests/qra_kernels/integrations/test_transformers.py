@@ -80,7 +80,7 @@ def test_config_to_dict_round_trip():
     (dict(group_size=48), ValueError, "group_size"),
     (dict(layer_bits={"a": 7}), ValueError, "layer_bits"),
     (dict(layer_bits=[("a", 4)]), TypeError, "layer_bits"),
-    (dict(method="gptq"), ValueError, "method"),
+    (dict(method="awq"), ValueError, "method"),
     (dict(scale_dtype="float32"), ValueError, "scale_dtype"),
     (dict(modules_to_not_convert="lm_head"), TypeError, "modules_to_not_convert"),
     (dict(bits=None), ValueError, "layer_bits"),
@@ -105,6 +105,28 @@ def test_config_from_allocation():
 
 
 # --- quantize on load, save, reload ----------------------------------------------------------
+def test_quantize_on_load_with_gptq_and_calibration(tmp_path):
+    """QraConfig(method="gptq", calibration=ids): Hessians measured on load, the result
+    saved and reloaded identical; the calibration itself is not saved with the config."""
+    model = tiny_model(FAMILIES[0])
+    model.save_pretrained(tmp_path / "float")
+    ids = torch.randint(0, model.config.vocab_size, (6, 16),
+                        generator=torch.Generator().manual_seed(4))
+    cfg = qk.QraConfig(bits=3, group_size=32, method="gptq", calibration=ids)
+    q = AutoModelForCausalLM.from_pretrained(tmp_path / "float", quantization_config=cfg)
+    assert all(m.bits == 3 for m in q.modules() if isinstance(m, QRALinear))
+    q.save_pretrained(tmp_path / "packed")
+    saved = json.load(open(tmp_path / "packed" / "config.json"))["quantization_config"]
+    assert saved["method"] == "gptq" and "calibration" not in saved
+    back = AutoModelForCausalLM.from_pretrained(tmp_path / "packed")
+    with torch.no_grad():
+        assert torch.equal(back(IDS).logits, q(IDS).logits)
+    with pytest.raises(ValueError, match="calibration"):
+        AutoModelForCausalLM.from_pretrained(
+            tmp_path / "float", quantization_config=qk.QraConfig(bits=3, method="gptq"))
+
+
+
 @pytest.mark.parametrize("family", FAMILIES)
 def test_quantize_on_load_save_reload_identical(family, tmp_path):
     model = tiny_model(family)

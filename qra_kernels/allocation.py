@@ -1,13 +1,23 @@
 """``Allocation``: which (bits, rank) each linear layer gets, and what that costs.
 
+It is the one vocabulary for mixed settings, shared by :func:`qra_kernels.quantize_model`,
+the transformers ``QraConfig`` (``QraConfig.from_allocation``), PEFT
+(:meth:`Allocation.to_lora_config`) and the search (``qra_search`` returns them).
+
 ``allocation.json`` is plain JSON::
 
-    {"format": "qra-allocation", "version": 1, "group_size": 64,
+    {"format": "qra-allocation", "version": 2, "group_size": 64,
      "lora_dtype": "float32", "scale_dtype": "float16",
+     "method": "rtn", "lora_init": "svd",
      "layers": {"model.layers.0.self_attn.q_proj":
                     {"bits": 4, "rank": 8, "shape": [576, 576]}, ...},
      "objectives": {"quality": ..., "memory_bytes": ..., "latency_us": ...},
      "meta": {...}}
+
+``method`` (the quantizer) and ``lora_init`` (how adapters start, :mod:`qra_kernels.lora_init`)
+are optional: ``quantize_model`` uses them when it is not told otherwise, so an allocation
+saved by the search quantizes to exactly what the search scored. Version 1 files (without
+them) still load.
 
 ``shape`` is ``[out_features, in_features]``; with it, :attr:`Allocation.memory_bytes` is
 computed from the same byte formulas the packed tensors obey, so it equals the sum of
@@ -16,15 +26,16 @@ computed from the same byte formulas the packed tensors obey, so it equals the s
 from __future__ import annotations
 
 import json
-import os
 from dataclasses import dataclass, field
 from typing import Any, Dict, Iterable, Optional
 
-from qra_kernels.format import (SUPPORTED_BITS, SUPPORTED_GROUP_SIZES, lora_nbytes,
-                                packed_nbytes)
+from ._io import atomic_write
+from .format import SUPPORTED_BITS, SUPPORTED_GROUP_SIZES, lora_nbytes, packed_nbytes
 
 FORMAT_NAME = "qra-allocation"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
+READS_VERSIONS = (1, 2)
+METHOD_NAMES = ("rtn", "hqq", "gptq", "recommended")
 DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
 MAX_RANK = 4096
 
@@ -41,6 +52,8 @@ class Allocation:
     lora_dtype: str = "float32"
     scale_dtype: str = "float16"
     meta: Dict[str, Any] = field(default_factory=dict)
+    method: Optional[str] = None
+    lora_init: Optional[str] = None
 
     def __post_init__(self):
         self.validate()
@@ -58,6 +71,10 @@ class Allocation:
         for key, allowed in (("lora_dtype", DTYPE_BYTES), ("scale_dtype", ("float16", "bfloat16"))):
             if getattr(self, key) not in allowed:
                 _fail(f"{key} must be one of {sorted(allowed)}, got {getattr(self, key)!r}")
+        if self.method is not None and self.method not in METHOD_NAMES:
+            _fail(f"method must be one of {METHOD_NAMES} or absent, got {self.method!r}")
+        if self.lora_init is not None and self.lora_init not in ("zeros", "svd"):
+            _fail(f"lora_init must be 'zeros', 'svd' or absent, got {self.lora_init!r}")
         for name, spec in self.layers.items():
             if not isinstance(name, str) or not name:
                 _fail(f"layer names must be non-empty strings, got {name!r}")
@@ -81,16 +98,20 @@ class Allocation:
                     and all(isinstance(s, int) and not isinstance(s, bool) and s > 0 for s in shape)):
                 _fail(f"layer {name!r}: shape must be [out_features, in_features], got {shape!r}")
         if model is not None:
+            from .modules import QRALinear, dense_weight, is_conv1d
             import torch.nn as nn
             modules = dict(model.named_modules())
             for name, spec in self.layers.items():
                 mod = modules.get(name)
                 if mod is None:
                     _fail(f"layer {name!r} is not a module of the model")
-                if not isinstance(mod, nn.Linear) and not hasattr(mod, "qweight"):
+                if isinstance(mod, QRALinear):
+                    actual = [mod.out_features, mod.in_features]
+                elif isinstance(mod, nn.Linear) or is_conv1d(mod):
+                    actual = list(dense_weight(mod).shape)
+                else:
                     _fail(f"layer {name!r} is a {type(mod).__name__}, not a linear layer")
                 shape = spec.get("shape")
-                actual = [mod.out_features, mod.in_features]
                 if shape is not None and list(shape) != actual:
                     _fail(f"layer {name!r}: allocation shape {list(shape)} != model's {actual}")
         return self
@@ -139,10 +160,15 @@ class Allocation:
 
     # --- files ---------------------------------------------------------------------------
     def to_dict(self) -> Dict[str, Any]:
-        return {"format": FORMAT_NAME, "version": FORMAT_VERSION, "group_size": self.group_size,
-                "lora_dtype": self.lora_dtype, "scale_dtype": self.scale_dtype,
-                "layers": {n: dict(s) for n, s in self.layers.items()},
-                "objectives": dict(self.objectives), "meta": dict(self.meta)}
+        d = {"format": FORMAT_NAME, "version": FORMAT_VERSION, "group_size": self.group_size,
+             "lora_dtype": self.lora_dtype, "scale_dtype": self.scale_dtype}
+        if self.method is not None:
+            d["method"] = self.method
+        if self.lora_init is not None:
+            d["lora_init"] = self.lora_init
+        d.update({"layers": {n: dict(s) for n, s in self.layers.items()},
+                  "objectives": dict(self.objectives), "meta": dict(self.meta)})
+        return d
 
     @classmethod
     def from_dict(cls, d: Dict[str, Any]) -> "Allocation":
@@ -150,12 +176,13 @@ class Allocation:
             _fail(f"allocation must be a JSON object, got {type(d).__name__}")
         if d.get("format", FORMAT_NAME) != FORMAT_NAME:
             _fail(f"format must be {FORMAT_NAME!r}, got {d.get('format')!r}")
-        if d.get("version", FORMAT_VERSION) != FORMAT_VERSION:
-            _fail(f"version {d.get('version')!r} is not supported (expected {FORMAT_VERSION})")
+        if d.get("version", FORMAT_VERSION) not in READS_VERSIONS:
+            _fail(f"version {d.get('version')!r} is not supported (this qra reads "
+                  f"{list(READS_VERSIONS)})")
         if "layers" not in d:
             _fail("allocation is missing 'layers'")
         unknown = set(d) - {"format", "version", "group_size", "lora_dtype", "scale_dtype",
-                            "layers", "objectives", "meta"}
+                            "layers", "objectives", "meta", "method", "lora_init"}
         if unknown:
             _fail(f"allocation has unknown field(s) {sorted(unknown)}")
         layers = d["layers"]
@@ -167,14 +194,13 @@ class Allocation:
         return cls(layers=layers, group_size=d.get("group_size", 64),
                    objectives=dict(d.get("objectives") or {}),
                    lora_dtype=d.get("lora_dtype", "float32"),
-                   scale_dtype=d.get("scale_dtype", "float16"), meta=dict(d.get("meta") or {}))
+                   scale_dtype=d.get("scale_dtype", "float16"), meta=dict(d.get("meta") or {}),
+                   method=d.get("method"), lora_init=d.get("lora_init"))
 
     def save(self, path) -> None:
-        tmp = f"{path}.tmp"
-        with open(tmp, "w") as f:
+        with atomic_write(path) as f:  # a killed save never leaves a truncated file
             json.dump(self.to_dict(), f, indent=1, sort_keys=False)
             f.write("\n")
-        os.replace(tmp, path)  # atomic: a killed save never leaves a truncated file
 
     @classmethod
     def load(cls, path) -> "Allocation":
@@ -217,12 +243,11 @@ class Allocation:
 
 
 def linear_shapes(model) -> Dict[str, tuple]:
-    """``{name: (out_features, in_features)}`` of every linear layer of ``model``, excluding
-    the output head (``lm_head``) — it is tied to the embeddings in many models and is
-    left in floating point."""
-    import torch.nn as nn
-    out = {}
-    for name, mod in model.named_modules():
-        if (isinstance(mod, nn.Linear) or hasattr(mod, "qweight")) and not name.endswith("lm_head"):
-            out[name] = (mod.out_features, mod.in_features)
-    return out
+    """``{name: (out_features, in_features)}`` of every quantizable layer of ``model``
+    (:func:`qra_kernels.modules.quantizable_layers`: ``nn.Linear``, ``Conv1D``, already
+    quantized layers), without the output head — it is tied to the embeddings in many models
+    and is left in floating point."""
+    from .modules import quantizable_layers
+    return {name: (m.out_features, m.in_features) if hasattr(m, "out_features")
+            else (m.weight.shape[1], m.weight.shape[0])  # Conv1D stores [in, out]
+            for name, m in quantizable_layers(model).items()}

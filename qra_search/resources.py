@@ -1,0 +1,62 @@
+"""Time and memory of each stage of a run, measured.
+
+``peak_rss_mb`` is the process's peak resident set so far (``getrusage``'s ``ru_maxrss``),
+read when a stage ends, so each stage's figure is the peak up to and including it;
+``rss_mb`` is the resident set at that moment (``/proc/self/statm``).
+"""
+from __future__ import annotations
+
+import os
+import resource
+import time
+from typing import Dict, Optional
+
+
+def peak_rss_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0  # KiB on Linux
+
+
+def rss_mb() -> float:
+    try:
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
+    except OSError:
+        return float("nan")
+
+
+class StageClock:
+    """``start(stage)`` … ``stop()`` around each stage. Each finished stage is also written
+    to the archive (if one is attached) as an event line, and :meth:`close` writes the
+    stage in progress as interrupted — so a resumed run can report the time of every run
+    before it, killed ones included (all but a SIGKILLed stage's)."""
+
+    def __init__(self):
+        self.timings: Dict[str, float] = {}
+        self.resources: Dict[str, Dict[str, float]] = {}
+        self.archive = None
+        self._stage: Optional[str] = None
+        self._t0 = time.perf_counter()
+        self._t = self._t0
+
+    def start(self, stage: str) -> None:
+        if self._stage is not None:
+            self.stop()
+        self._stage, self._t = stage, time.perf_counter()
+
+    def stop(self, interrupted: bool = False) -> None:
+        if self._stage is None:
+            return
+        seconds = time.perf_counter() - self._t
+        self.timings[self._stage] = self.timings.get(self._stage, 0.0) + seconds
+        self.resources[self._stage] = {"peak_rss_mb": round(peak_rss_mb(), 1),
+                                       "rss_mb": round(rss_mb(), 1)}
+        self.timings["total"] = time.perf_counter() - self._t0
+        if self.archive is not None:
+            self.archive.event({"event": "stage", "stage": self._stage,
+                                "seconds": round(seconds, 3), "interrupted": interrupted,
+                                **self.resources[self._stage]})
+        self._stage = None
+
+    def close(self) -> None:
+        if self._stage is not None:
+            self.stop(interrupted=True)

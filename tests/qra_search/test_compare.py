@@ -1,0 +1,62 @@
+"""The comparison harness: equal-memory allocations, rank correlation, and a tiny run end
+to end (rows written one at a time, a rerun skips what is done)."""
+import json
+import random
+
+import pytest
+
+from qra_kernels.allocation import linear_shapes
+from qra_search.compare import closest_uniform, main, random_allocation, spearman
+from qra_search.costs import CostModel
+from qra_search.evaluate import layer_groups
+from qra_search.genes import Budget, GeneSpace
+
+
+def test_random_allocations_land_within_one_percent_of_the_budget(model):
+    shapes = linear_shapes(model)
+    groups = layer_groups(list(shapes), "module")
+    costs = CostModel(shapes, 64)
+    space = GeneSpace(groups, (2, 3, 4, 8), (0, 4, 8, 16), costs, Budget())
+    target = space.memory(space.uniform(4, 8))
+    seen = set()
+    for seed in range(5):
+        cfg = random_allocation(space, target, random.Random(seed))
+        assert 0.99 * target <= space.memory(cfg) <= target
+        seen.add(space.key(cfg))
+    assert len(seen) > 1  # they differ
+    u = closest_uniform(space, target)
+    assert space.memory(u) == target
+    from qra_search.compare import greedy_allocation
+    assert 0.99 * target <= space.memory(greedy_allocation(space, target)) <= target
+
+
+def test_spearman():
+    assert spearman([1, 2, 3, 4], [10, 20, 30, 40]) == pytest.approx(1.0)
+    assert spearman([1, 2, 3, 4], [4, 3, 2, 1]) == pytest.approx(-1.0)
+    assert spearman([1, 2], [1, 2]) is None
+
+
+def test_tiny_run_end_to_end_and_resume(tmp_path, make_model, make_tokenizer, capsys):
+    d = tmp_path / "tiny"
+    make_model().save_pretrained(d)
+    make_tokenizer().save_pretrained(d)
+    out = tmp_path / "cmp"
+    argv = ["--out", str(out), "--model", str(d), "--budgets", "4.0", "--seeds", "0,1",
+            "--steps", "3", "--batch", "1", "--seq-len", "32", "--finetune-corpus", "licenses",
+            "--heldout-corpus", "python-docs-odd", "--heldout-blocks", "2",
+            "--ranks", "0,4,8", "--default-rank", "4", "--evaluations", "4",
+            "--refine-steps", "1", "--proxy-steps", "1", "--calib-blocks", "3",
+            "--randoms", "1", "--threads", "1", "--granularity", "module"]
+    assert main(argv) == 0
+    rows = [json.loads(l) for l in open(out / "rows.jsonl")]
+    fts = [r for r in rows if r["kind"] == "finetune"]
+    assert {r["variant"] for r in fts} == {"searched", "greedy", "uniform", "random-0"}
+    assert all(0.99 <= r["memory_ratio_to_budget"] <= 1.0 for r in fts
+               if r["variant"] in ("greedy", "uniform", "random-0"))
+    summary = json.load(open(out / "summary.json"))["4"]
+    assert set(summary["variants"]) == {"searched", "greedy", "uniform", "random-0"}
+    assert summary["finetune_epoch_seconds"] > 0 and "search_over_epoch" in summary
+    # rerun: every fine-tune row is done, none is repeated
+    assert main(argv) == 0
+    again = [json.loads(l) for l in open(out / "rows.jsonl")]
+    assert len([r for r in again if r["kind"] == "finetune"]) == len(fts)
