@@ -9,7 +9,9 @@ import json
 import pathlib
 import re
 import shutil
+import os
 import subprocess
+import sys
 
 import pytest
 
@@ -31,7 +33,9 @@ def test_step_limits_fit_the_eight_minutes():
 @pytest.mark.skipif(shutil.which("timeout") is None, reason="needs coreutils timeout")
 def test_dry_run_runs_every_step(tmp_path):
     out = tmp_path / "run"
+    # The script's Python is this test's (PYTHON), not whatever python3 is first on PATH.
     proc = subprocess.run(["bash", str(SCRIPT), "--dry-run", "--out", str(out)], cwd=ROOT,
+                          env={**os.environ, "PYTHON": sys.executable},
                           capture_output=True, text=True, timeout=400)
     summary = json.loads((out / "summary.json").read_text())
     logs = {s["step"]: (out / f"{s['step']}.log").read_text()[-2000:] for s in summary["steps"]}
