@@ -151,7 +151,9 @@ static_step() {
   so=$(ls "$ROOT"/qra_kernels/_C*.so 2>/dev/null | head -1)
   local args=(--out "$OUT/static.json" --table)
   if [ -n "$so" ] && "$PY" -c "import qra_kernels._C as c, sys; sys.exit(0 if c.build_info()['cuda_compiled'] else 1)"; then
-    args+=(--cuda-binary "$so")
+    # sm_90 only: what the GPU run builds, and in a dry run (CI's extension carries more
+    # architectures) it keeps the SASS read well inside the step's limit.
+    args+=(--cuda-binary "$so" --cuda-arch sm_90)
   else
     echo "the extension here has no CUDA kernels: Triton only"
   fi

@@ -279,12 +279,14 @@ def _short_arch(arch: str) -> str:
     return arch.replace("sm_", "").rstrip("a")
 
 
-def cubin_stats(path: str, meta: Optional[Dict[str, Dict[str, object]]] = None
-                ) -> List[KernelStats]:
-    """Every kernel of a cubin, fatbin or host binary with embedded device code."""
+def cubin_stats(path: str, meta: Optional[Dict[str, Dict[str, object]]] = None,
+                arch: Optional[str] = None) -> List[KernelStats]:
+    """Every kernel of a cubin, fatbin or host binary with embedded device code; with
+    ``arch`` (e.g. ``"sm_90"``) only that architecture's code (cuobjdump ``-arch``)."""
     cuobjdump = tool("cuobjdump")
-    sass = parse_sass(_run([cuobjdump, "-sass", path]))
-    res = parse_res_usage(_run([cuobjdump, "-res-usage", path]))
+    select = ["-arch", arch] if arch else []
+    sass = parse_sass(_run([cuobjdump, *select, "-sass", path]))
+    res = parse_res_usage(_run([cuobjdump, *select, "-res-usage", path]))
     out = []
     for arch, fns in sass.items():
         res_arch = res.get(arch) or next(
@@ -350,8 +352,8 @@ def _set_packed(st: KernelStats) -> None:
         st.instructions_per_packed_byte = round(st.loop_instructions / st.packed_bytes_per_iteration, 2)
 
 
-def cuda_binary_stats(path: str) -> List[KernelStats]:
-    stats = cubin_stats(path)
+def cuda_binary_stats(path: str, arch: Optional[str] = None) -> List[KernelStats]:
+    stats = cubin_stats(path, arch=arch)
     for st in stats:
         st.meta.update(cuda_kernel_meta(st.name))
         _set_packed(st)
@@ -439,6 +441,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--cuda-binary", action="append", default=[],
                     help="the built extension (_C*.so) or a cubin; repeatable")
+    ap.add_argument("--cuda-arch", default=None,
+                    help="read only this architecture of --cuda-binary, e.g. sm_90 "
+                         "(default: every architecture it holds)")
     ap.add_argument("--triton", choices=("none", "covering", "all", "model"), default="none",
                     help="Triton variants to compile and read: a covering subset, all of "
                          "them, or the decode variants the model needs")
@@ -452,7 +457,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     args = ap.parse_args(argv)
     stats: List[KernelStats] = []
     for path in args.cuda_binary:
-        stats += cuda_binary_stats(path)
+        stats += cuda_binary_stats(path, arch=args.cuda_arch)
     caps = [int(c) for c in args.capabilities.split(",") if c]
     if args.triton == "covering":
         stats += triton_stats(caps)
