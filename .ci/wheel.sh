@@ -3,7 +3,9 @@
 # the compile check of the CUDA sources: QRA_REQUIRE_CUDA=1 turns a CUDA compile error into
 # a failure instead of the CPU-only fallback), install it in a fresh virtual environment
 # with torch 2.13.0, import it there (no GPU needed), and check what build_info() reports
-# and that the extension links neither torch nor a shared CUDA runtime.
+# and that the extension links neither torch nor a shared CUDA runtime; then the static gate of
+# the CUDA kernels on that very build (qra_kernels/bench/static.py: no local memory, registers
+# within budget; per-kernel counts to $QRA_STATIC_JSON when set).
 #
 #   .ci/wheel.sh            # ~6-8 min on 2 cores (see the report in the PR)
 # Needs: nvcc, a C++ compiler, cmake, ninja and pybind11 in the current environment
@@ -24,6 +26,12 @@ python -m venv "$WORK/venv"
 PY="$WORK/venv/bin/python"
 "$PY" -m pip install -q torch==2.13.0 numpy
 "$PY" -m pip install -q --no-deps "$WORK"/dist/qra-*.whl
+
+# The static gate reads the SASS of the built extension (sm_80 and sm_90) with the cuobjdump
+# Triton ships: run by this environment's Python, on the installed wheel's binary.
+SO=$(ls "$WORK"/venv/lib/python*/site-packages/qra_kernels/_C*.so)
+python -m qra_kernels.bench.static --cuda-binary "$SO" --check --table \
+  --out "${QRA_STATIC_JSON:-$WORK/static.json}"
 
 cd "$WORK"  # away from the source tree, so the installed package is the one imported
 "$PY" - <<'PYEOF'

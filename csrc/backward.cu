@@ -1,8 +1,10 @@
 // Backward dX: grad_x[m, k] = sum_n grad_out[m, n] · s[g, n] · (q[n, k] - z[g, n]).
 //
-// W is re-dequantized inside the kernel, chunk by chunk, and never materialised (the
+// W is re-dequantized inside the kernels, tile by tile, and never materialised (the
 // bitsandbytes habit of keeping a dequantized weight alive for backward is what this
-// avoids). Here the reduction runs over n, the contiguous dimension of qweight, so:
+// avoids). fp16/bf16 grad_out: the tensor-core kernel of csrc/cuda/tc_gemm.cuh (BWD = true).
+// fp32 grad_out: the SIMT kernel below, in fp32 throughout (no 16-bit rounding of W). The
+// reduction runs over n, the contiguous dimension of qweight, so:
 //  * a block owns one 32-k chunk (one scale/zero per column) and MT rows of grad_out; its
 //    threads stride over n, each loading the chunk's `bits` words of its column with
 //    coalesced 4-byte loads, dequantizing the 32 codes once and using each for MT rows;
@@ -12,6 +14,7 @@
 // The scale varies along the reduction here, so the zero fold of the forward does not
 // apply; the dequantized value (q - z)·s is formed in fp32.
 #include "cuda/common.cuh"
+#include "cuda/tc_gemm.cuh"
 
 namespace qra {
 namespace cuda {
@@ -79,10 +82,39 @@ const char* linear_backward_dx(const BackwardArgs& a) {
   if (a.dtype != kFloat32 && a.dtype != kFloat16 && a.dtype != kBFloat16)
     return "grad_out must be float32, float16 or bfloat16";
   if (const char* e = cuda_error(cudaSetDevice(a.device))) return e;
+  cudaStream_t stream = static_cast<cudaStream_t>(a.stream);
+  if (a.dtype != kFloat32) {
+    int major = 0;
+    cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, a.device);
+    if (major < 8) return "the qra CUDA kernels need an sm_80 or newer GPU (mma.m16n8k16, cp.async)";
+    const auto aligned16 = [](const void* q) { return (reinterpret_cast<uintptr_t>(q) & 15) == 0; };
+    tc::Params p{};
+    p.act = a.grad_out;
+    p.act_dtype = a.dtype;
+    p.M = a.M;
+    p.N = a.N;
+    p.K = a.Kp;
+    p.Kp = a.Kp;
+    p.qweight = a.qweight;
+    p.scales = a.scales;
+    p.zeros = a.zeros;
+    p.scale_dtype = a.scale_dtype;
+    p.bits = a.bits;
+    p.group_size = a.group_size;
+    p.aligned = a.N % 8 == 0 && aligned16(a.grad_out) && aligned16(a.qweight) &&
+                aligned16(a.scales) && aligned16(a.zeros);
+    p.grad_x = a.grad_x;
+    switch (a.bits) {
+      case 2: return tc::launch<2, true>(p, stream);
+      case 3: return tc::launch<3, true>(p, stream);
+      case 4: return tc::launch<4, true>(p, stream);
+      case 8: return tc::launch<8, true>(p, stream);
+    }
+    return "unsupported bits";
+  }
   const int64_t row_blocks = (a.M + kRows - 1) / kRows;
   if (row_blocks > 65535) return "too many rows of grad_out for one launch (max 262140)";
   const dim3 grid((unsigned)(a.Kp / 32), (unsigned)row_blocks);
-  cudaStream_t stream = static_cast<cudaStream_t>(a.stream);
   switch (a.bits) {
     case 2: backward_dx_kernel<2><<<grid, kThreads, 0, stream>>>(a); break;
     case 3: backward_dx_kernel<3><<<grid, kThreads, 0, stream>>>(a); break;

@@ -15,6 +15,10 @@
 
 namespace py = pybind11;
 
+// The CUDA kernels' bit tricks and launch plans, host-compiled for the CPU tests
+// (csrc/cuda/host_check.cpp); in every build, with or without nvcc.
+namespace qra { namespace cuda_host { void register_bindings(py::module_& m); } }
+
 #ifndef QRA_CUDA_ARCHS
 #define QRA_CUDA_ARCHS ""
 #endif
@@ -86,6 +90,7 @@ py::dict build_info() {
 PYBIND11_MODULE(_C, m) {
   m.doc() = "qra compiled kernels (CPU and, when built with nvcc, CUDA); raw-pointer API";
   m.def("build_info", &build_info, "What this extension was built with.");
+  qra::cuda_host::register_bindings(m);
 
   // ---- CPU ----
   m.attr("cpu_path_gemv") = (int)qra::cpu::kPathGemv;
@@ -145,14 +150,18 @@ PYBIND11_MODULE(_C, m) {
 
 #if defined(QRA_WITH_CUDA)
   m.def("cuda_device_count", &qra::cuda::device_count);
-  m.def("cuda_forward_workspace_floats", &qra::cuda::forward_workspace_floats);
+  m.def("cuda_forward_workspace_floats", &qra::cuda::forward_workspace_floats,
+        "fp32 scratch of one forward: (M, N, Kp, bits, group_size, rank, x_dtype, device)");
+  m.def("cuda_forward_counter_ints", &qra::cuda::forward_counter_ints,
+        "int32 counters (zero before the first call, zero after every call) for N columns");
   m.attr("cuda_decode_max_rows") = qra::cuda::kDecodeMaxRows;
   m.def(
       "cuda_forward",
       [](uintptr_t x, int x_dtype, uintptr_t qweight, uintptr_t scales, uintptr_t zeros,
          int scale_dtype, int bits, int group_size, int64_t M, int64_t N, int64_t K, int64_t Kp,
          uintptr_t lora_A, uintptr_t lora_B, int lora_dtype, int64_t rank, double scaling,
-         uintptr_t bias, uintptr_t y, uintptr_t workspace, uintptr_t stream, int device) {
+         uintptr_t bias, uintptr_t y, uintptr_t workspace, uintptr_t counters, uintptr_t stream,
+         int device) {
         check_layout(bits, group_size, M, N, K, Kp);
         check_scale_dtype(scale_dtype);
         qra::cuda::LinearArgs a{ptr<const void>(x), x_dtype, ptr<const int32_t>(qweight),
@@ -160,7 +169,8 @@ PYBIND11_MODULE(_C, m) {
                                 scale_dtype, bits, group_size, M, N, K, Kp,
                                 ptr<const void>(lora_A), ptr<const void>(lora_B), lora_dtype,
                                 rank, (float)scaling, ptr<const float>(bias), ptr<void>(y),
-                                ptr<float>(workspace), ptr<void>(stream), device};
+                                ptr<float>(workspace), ptr<int>(counters), ptr<void>(stream),
+                                device};
         const char* err;
         {
           py::gil_scoped_release release;

@@ -23,17 +23,22 @@ struct LinearArgs {
   float scaling;
   const float* bias;       // [N] fp32 or null
   void* y;                 // [M, N], x_dtype
-  float* workspace;        // fp32, forward_workspace_floats(M, N, rank) elements
+  float* workspace;        // fp32, forward_workspace_floats(...) elements, any contents
+  int* counters;           // forward_counter_ints(N) int32, zero before the first call; every
+                           // call leaves them zero again. Calls that may run concurrently (other
+                           // streams) need their own.
   void* stream;            // cudaStream_t (of `device`)
   int device;              // CUDA device index of every pointer above
 };
 
-// fp32 scratch the forward needs: x·Aᵀ [M, r], and for the decode path the split-K partial
-// sums [min(M, 16), N] and one arrival counter per 128 columns.
-int64_t forward_workspace_floats(int64_t M, int64_t N, int64_t rank);
+// fp32 scratch of one forward call: the decode kernel's split-K partials, x·Aᵀ partials and
+// x·Aᵀ (csrc/cuda/plan.h), or x·Aᵀ [M, r] for the tensor-core path.
+int64_t forward_workspace_floats(int64_t M, int64_t N, int64_t Kp, int bits, int group_size,
+                                 int64_t rank, int x_dtype, int device);
+int64_t forward_counter_ints(int64_t N);
 
-// Rows of x up to which the decode (GEMV) kernel is used; above it, the tensor-core kernel
-// (fp16/bf16 x) — fp32 x always takes the GEMV kernel, 16 rows per pass.
+// Rows of x up to which the decode kernel is used; above it, the tensor-core kernel
+// (fp16/bf16 x) — fp32 x always takes the decode kernel, 16 rows per pass (three bf16 planes).
 constexpr int64_t kDecodeMaxRows = 16;
 
 // nullptr on success, else an error message (a CUDA error string or a bad argument).
@@ -53,7 +58,8 @@ struct BackwardArgs {
   int device;
 };
 
-// grad_x = grad_out · dequant(W)  (the LoRA terms are small matmuls done by the caller).
+// grad_x = grad_out · dequant(W)  (the LoRA terms are small matmuls done by the caller):
+// the tensor-core kernel for fp16/bf16 grad_out, an fp32 SIMT kernel for fp32.
 const char* linear_backward_dx(const BackwardArgs& a);
 
 // Visible devices, or a negative number when the CUDA runtime cannot be initialised.

@@ -1,4 +1,4 @@
-// Helpers shared by the CUDA kernels (gemv.cu, gemm_mma.cu, backward.cu, linear_cuda.cu):
+// Helpers shared by the CUDA kernels (decode.cuh, tc_gemm.cuh, backward.cu, linear_cuda.cu):
 // activation loads/stores by dtype code, and the launch-facing parameter structs.
 #pragma once
 
@@ -16,7 +16,8 @@ namespace cuda {
 // Activations, LoRA factors and gradients arrive in any of fp32/fp16/bf16; the kernels do
 // their arithmetic in fp32 (the tensor-core kernel multiplies 16-bit operands exactly and
 // accumulates in fp32). A runtime switch on the dtype costs one uniform branch per load and
-// keeps the number of template instantiations — and the compile time — down.
+// keeps the number of template instantiations — and the compile time — down; the main loops
+// never call these (they read 16-bit x as raw bits).
 __device__ __forceinline__ float load_act(const void* p, int64_t i, int dtype) {
   switch (dtype) {
     case kFloat16: return __half2float(static_cast<const __half*>(p)[i]);
@@ -36,26 +37,6 @@ __device__ __forceinline__ void store_act(void* p, int64_t i, int dtype, float v
 __device__ __forceinline__ float load_half_bits(const uint16_t* p, int64_t i, int dtype) {
   return half_to_float(p[i], dtype);
 }
-
-// y[m, n] = acc + scaling · xa[m, :]·B[n, :] + bias[n], stored once in x's dtype: the LoRA
-// epilogue every forward kernel ends with (xa = x·Aᵀ was computed once per call by
-// lora_xa_kernel, so each output reads r floats of xa and r values of B).
-__device__ __forceinline__ void store_output(const LinearArgs& a, const float* xa, int64_t m,
-                                             int64_t n, float acc) {
-  if (a.rank > 0) {
-    float d = 0.f;
-    for (int64_t r = 0; r < a.rank; ++r)
-      d = fmaf(xa[m * a.rank + r], load_act(a.lora_B, n * a.rank + r, a.lora_dtype), d);
-    acc = fmaf(a.scaling, d, acc);
-  }
-  if (a.bias) acc += a.bias[n];
-  store_act(a.y, m * a.N + n, a.x_dtype, acc);
-}
-
-// Launchers (each returns nullptr or an error string).
-const char* launch_gemv(const LinearArgs& a, const float* xa, float* partial, int sm_count,
-                        cudaStream_t stream);
-const char* launch_gemm_mma(const LinearArgs& a, const float* xa, cudaStream_t stream);
 
 inline const char* cuda_error(cudaError_t e) {
   return e == cudaSuccess ? nullptr : cudaGetErrorString(e);

@@ -1,11 +1,12 @@
-"""The ``cuda`` backend: the CUDA C++ kernels of ``csrc/`` (decode GEMV for M <= 16 with the
-LoRA epilogue fused, tensor-core mma.sync kernel for more rows of fp16/bf16 x on sm_80+,
-and the dX kernel of the backward), reached through ``qra_kernels._C`` with raw pointers,
-sizes and the current torch CUDA stream — the extension links no torch, so one wheel
-serves any torch version.
+"""The ``cuda`` backend: the CUDA C++ kernels of ``csrc/`` — the decode kernel for M <= 16
+(tensor cores, magic-number dequant, cp.async ring, LoRA x·Aᵀ in the same launch; fp32 x
+at any M in passes of 16 rows), the tensor-core GEMM for more rows of fp16/bf16 x, and the
+dX kernel of the backward — reached through ``qra_kernels._C`` with raw pointers, sizes and
+the current torch CUDA stream: the extension links no torch, so one wheel serves any torch
+version.
 
-Available when the extension was compiled with nvcc and a CUDA device is visible to both
-torch and the extension's own (statically linked) CUDA runtime.
+Available when the extension was compiled with nvcc and a CUDA device of sm_80 or newer is
+visible to both torch and the extension's own (statically linked) CUDA runtime.
 """
 from __future__ import annotations
 
@@ -13,6 +14,21 @@ import torch
 
 from .. import _ext
 from . import Backend, register_backend
+
+# The decode kernel's split-K and LoRA arrival counters: int32, zero before a call and left
+# zero by it, so one zeroed buffer per (device, stream) serves every call on that stream
+# (calls on one stream never overlap; another stream gets its own buffer). Grown on demand.
+_COUNTERS = {}
+
+
+def _counters(ext, device: torch.device, stream: int, n: int) -> torch.Tensor:
+    need = ext.cuda_forward_counter_ints(n)
+    key = (device.index, stream)
+    buf = _COUNTERS.get(key)
+    if buf is None or buf.numel() < need:
+        buf = torch.zeros(max(need, 1024), dtype=torch.int32, device=device)
+        _COUNTERS[key] = buf
+    return buf
 
 
 class CudaBackend(Backend):
@@ -48,6 +64,9 @@ class CudaBackend(Backend):
         if x.dtype not in _ext.DTYPE_CODES:
             return False, f"x must be float32, float16 or bfloat16, got {x.dtype}"
         major, minor = torch.cuda.get_device_capability(x.device)
+        if major < 8:
+            return False, (f"the qra CUDA kernels need an sm_80 or newer GPU (mma.m16n8k16, "
+                           f"cp.async); this one is sm_{major}{minor}")
         archs = [int(a) for a in _ext.extension().build_info().get("cuda_archs", [])
                  if str(a).isdigit()]
         # Each arch is built as SASS + PTX, so any arch <= the device's runs (PTX is JIT-ed).
@@ -73,16 +92,20 @@ class CudaBackend(Backend):
             b = lora_B.to(lora_A.dtype).contiguous() if rank else None
             bias32 = bias.to(torch.float32).contiguous() if bias is not None else None
             q, s, z = qweight.contiguous(), scales.contiguous(), zeros.contiguous()
-            workspace = torch.empty(ext.cuda_forward_workspace_floats(m, out_features, rank),
-                                    dtype=torch.float32, device=x.device)
+            x_code = _ext.DTYPE_CODES[x.dtype]
+            workspace = torch.empty(
+                ext.cuda_forward_workspace_floats(m, out_features, kp, bits, group_size, rank,
+                                                  x_code, x.device.index),
+                dtype=torch.float32, device=x.device)
             stream = torch.cuda.current_stream(x.device).cuda_stream
+            counters = _counters(ext, x.device, stream, out_features)
             ext.cuda_forward(
                 _ext.data_ptr(x2), _ext.DTYPE_CODES[x.dtype], _ext.data_ptr(q),
                 _ext.data_ptr(s), _ext.data_ptr(z), _ext.DTYPE_CODES[scales.dtype], bits,
                 group_size, m, out_features, k, kp, _ext.data_ptr(a), _ext.data_ptr(b),
                 _ext.DTYPE_CODES[a.dtype] if rank else 0, rank, float(scaling),
-                _ext.data_ptr(bias32), _ext.data_ptr(y), _ext.data_ptr(workspace), stream,
-                x.device.index)
+                _ext.data_ptr(bias32), _ext.data_ptr(y), _ext.data_ptr(workspace),
+                _ext.data_ptr(counters), stream, x.device.index)
         return y.reshape(*x.shape[:-1], out_features)
 
     def backward(self, grad_out, x, qweight, scales, zeros, bits, group_size, out_features,

@@ -21,16 +21,26 @@ _OPTIONS = ("num_warps", "num_stages")
 
 
 class Variant:
-    """One compiled form of a kernel: its argument types, constexprs and launch options."""
+    """One compiled form of a kernel: its argument types, constexprs and launch options.
+
+    The specialization is the one Triton's JIT derives from the argument *values* of the
+    launch (``native_specialize_impl``, what ``JITFunction.run`` calls): pointers and ints
+    divisible by 16 get ``tt.divisibility = 16`` (which is what lets a 16-byte vector load
+    be emitted), an int equal to 1 becomes a constant, and parameters in
+    ``do_not_specialize`` get neither. So the compiled variant is the one a GPU call with
+    the same shapes would run — not a variant with hints the runtime never gives.
+    """
 
     def __init__(self, launch: Launch):
-        from triton.runtime.jit import mangle_type
+        from triton.backends.compiler import BaseBackend
+        from triton.runtime.jit import native_specialize_impl
 
         kernel = launch.kernel
         self.kernel = kernel
         self.signature: Dict[str, str] = {}
         self.constexprs: Dict[str, object] = {}
         self.attrs: Dict[Tuple[int, ...], list] = {}
+        self.specialized: Dict[str, object] = {}  # runtime args the JIT made constants
         values = dict(zip([p.name for p in kernel.params], launch.args))
         values.update({k: v for k, v in launch.kwargs.items() if k not in _OPTIONS})
         for i, param in enumerate(kernel.params):
@@ -38,11 +48,17 @@ class Variant:
             if param.is_constexpr:
                 self.signature[param.name] = "constexpr"
                 self.constexprs[param.name] = value
+                continue
+            kind, spec = native_specialize_impl(
+                BaseBackend, value, param.is_const, not param.do_not_specialize,
+                not param.do_not_specialize_on_alignment)
+            if kind == "constexpr":
+                self.signature[param.name] = "constexpr"
+                self.constexprs[param.name] = spec
+                self.specialized[param.name] = spec
             else:
-                kind = mangle_type(value)
                 self.signature[param.name] = kind
-                if kind.startswith("*"):
-                    # torch allocations are 16-byte aligned; the runtime tells Triton so.
+                if spec == "D":
                     self.attrs[(i,)] = [["tt.divisibility", 16]]
         self.options = {k: launch.kwargs[k] for k in _OPTIONS if k in launch.kwargs}
 
@@ -53,13 +69,15 @@ class Variant:
     def key(self):
         return (self.name, tuple(self.signature.items()),
                 tuple((k, str(v)) for k, v in self.constexprs.items()),
-                tuple(self.options.items()))
+                tuple(sorted(self.attrs)), tuple(self.options.items()))
 
     def __repr__(self) -> str:
         flags = ",".join(f"{k}={v}" for k, v in self.constexprs.items())
         types = ",".join(v for v in self.signature.values() if v.startswith("*"))
+        names = [p.name for p in self.kernel.params]
+        div16 = ",".join(names[i[0]] for i in sorted(self.attrs))
         opts = ",".join(f"{k}={v}" for k, v in self.options.items())
-        return f"{self.name}[{types}][{flags}][{opts}]"
+        return f"{self.name}[{types}][{flags}][div16:{div16}][{opts}]"
 
 
 def _packed(bits: int, group_size: int, n: int, k: int, scale_dtype: torch.dtype):

@@ -78,7 +78,7 @@ def grad_input(dy2, qweight, scales, zeros, bits, group_size, in_features, g=Non
                lora_A=None, scaling=1.0, config=None):
     """``dX2 [M, K] = dy2·dequant(W) + scaling·g·lora_A`` (``g = dy2·lora_B``, fp32)."""
     from .config import launch_config
-    cfg = dict(launch_config("grad_input", dy2.device), **(config or {}))
+    cfg = dict(launch_config("grad_input", dy2.device, dy2.dtype), **(config or {}))
     m, n = dy2.shape
     k = in_features
     kp = scales.shape[0] * group_size

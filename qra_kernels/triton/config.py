@@ -44,10 +44,14 @@ def configs_for(device: torch.device) -> Dict[str, Any]:
     return table.get(device_name(device), table["default"])
 
 
-def launch_config(regime: str, device: torch.device) -> Dict[str, int]:
+def launch_config(regime: str, device: torch.device, dtype: torch.dtype = None) -> Dict[str, int]:
+    """The regime's configuration; for fp32 activations its ``<regime>_fp32`` entry if any."""
     if regime not in REGIMES:
         raise ValueError(f"regime must be one of {REGIMES}, got {regime!r}")
-    return dict(configs_for(device)[regime])
+    entry = configs_for(device)
+    if dtype == torch.float32 and f"{regime}_fp32" in entry:
+        return dict(entry[f"{regime}_fp32"])
+    return dict(entry[regime])
 
 
 def decode_max_m(device: torch.device) -> int:

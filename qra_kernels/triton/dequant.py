@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import triton.language as tl
 
-from .runtime import jit
+from .runtime import jit, sum_axis
 
 
 @jit
@@ -72,3 +72,60 @@ def dequant_tile(qw_ptr, scales_ptr, zeros_ptr, N, Kp, k0, offs_n, mask_n,
         w = tl.reshape(codes.to(tl.float32), (CHUNKS, 32, BLOCK_N))
         w = tl.reshape((w - z[:, None, :]) * s[:, None, :], (BLOCK_K, BLOCK_N))
     return w
+
+
+@jit
+def dot_rows(x_ptr, qw_ptr, scales_ptr, zeros_ptr, N, K, Kp, k0, offs_n, mask_n,
+             BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr, BITS: tl.constexpr,
+             GROUP: tl.constexpr):
+    """One row of x times the W tile at ``k0``, kept per word row of the first plane:
+    ``[BLOCK_K·w/32, BLOCK_N]`` fp32 (``w`` = 2 for 3 bits, else ``BITS``); summing the rows
+    gives ``x[k0:k0+BLOCK_K]·W[offs_n, k0:k0+BLOCK_K]ᵀ``.
+
+    The decode path for one row of x, with no transpose and no layout change of the tile:
+    each thread expands the words it loaded (16-byte loads along N) code slot by code slot
+    (a static loop over the 32/w slots of a word, each an elementwise op on the words
+    tile), multiplies by the slot's x (a vector over word rows, broadcast along N) and
+    accumulates with FMAs. A code becomes an exact fp32 with the magic exponent
+    (``code | 0x4B000000`` is ``2^23 + code``; one subtraction) instead of an int-to-float
+    conversion, and the zero point is applied once per word row:
+    ``s·(sum_j x_j q_j - z·sum_j x_j)``. 3 bits: the 1-bit plane's word of each 32 k is read
+    for both 2-bit rows (a cached reload) and its bits shifted into place.
+    """
+    W0: tl.constexpr = 2 if BITS == 3 else BITS
+    PER_WORD: tl.constexpr = 32 // W0
+    ROWS: tl.constexpr = BLOCK_K // PER_WORD
+    r = tl.arange(0, ROWS)
+    rows = k0 // PER_WORD + r
+    mask = (rows < Kp // PER_WORD)[:, None] & mask_n[None, :]
+    words = tl.load(qw_ptr + rows[:, None].to(tl.int64) * N + offs_n[None, :], mask=mask,
+                    other=0)
+    if BITS == 3:
+        hrows = Kp // 16 + k0 // 32 + r // 2
+        high = tl.load(qw_ptr + hrows[:, None].to(tl.int64) * N + offs_n[None, :], mask=mask,
+                       other=0)
+        high = high >> ((r % 2) * 16)[:, None]
+    t = tl.full((ROWS, BLOCK_N), 0.0, tl.float32)
+    xs = tl.full((ROWS,), 0.0, tl.float32)
+    for jj in tl.static_range(PER_WORD):
+        kk = k0 + r * PER_WORD + jj
+        xj = tl.load(x_ptr + kk, mask=kk < K, other=0.0).to(tl.float32)
+        xs += xj
+        if BITS != 3 and jj * W0 + W0 <= 23:
+            # The code fits fp32's mantissa where it sits: 2^23 + q·2^(w·jj) with one AND+OR
+            # (no shift), and x·2^-(w·jj) (exact) undoes the position.
+            q = ((words & (((1 << W0) - 1) << (jj * W0))) | 0x4B000000).to(tl.float32,
+                                                                            bitcast=True)
+            t += (q - 8388608.0) * (xj * (1.0 / (1 << (jj * W0))))[:, None]
+        else:
+            code = (words >> (jj * W0)) & ((1 << W0) - 1)
+            if BITS == 3:
+                code = code | (((high >> jj) & 1) << 2)
+            q = (code | 0x4B000000).to(tl.float32, bitcast=True) - 8388608.0
+            t += q * xj[:, None]
+    groups = (k0 + r * PER_WORD) // GROUP
+    gmask = (groups < Kp // GROUP)[:, None] & mask_n[None, :]
+    offs = groups[:, None] * N + offs_n[None, :]
+    s = tl.load(scales_ptr + offs, mask=gmask, other=0.0).to(tl.float32)
+    z = tl.load(zeros_ptr + offs, mask=gmask, other=0.0).to(tl.float32)
+    return s * (t - z * xs[:, None])

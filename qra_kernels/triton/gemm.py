@@ -73,7 +73,7 @@ def gemm(x2, qweight, scales, zeros, bits, group_size, out_features, xa=None, lo
     None for rank 0). ``config`` keys: BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages.
     """
     from .config import launch_config
-    cfg = dict(launch_config("gemm", x2.device), **(config or {}))
+    cfg = dict(launch_config("gemm", x2.device, x2.dtype), **(config or {}))
     m, k = x2.shape
     n = out_features
     kp = scales.shape[0] * group_size

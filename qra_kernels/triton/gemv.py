@@ -6,6 +6,10 @@ word of W is read from memory exactly once. The grid is ``N / BLOCK_N`` column b
 With one slab the kernel finishes the tile itself (LoRA, bias, store); with several, each
 slab writes an fp32 partial and :func:`splitk_reduce_kernel` sums them — deterministic,
 unlike atomics — and applies the same epilogue, so ``y`` is still written once.
+
+One row (``BLOCK_M`` = 1) runs on the FMA units (:func:`.dequant.dot_rows`: codes expanded
+in the registers of the thread that loaded them, reduced per word row, summed once at the
+end); 2–16 rows run one ``tl.dot`` per tile.
 """
 from __future__ import annotations
 
@@ -13,7 +17,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .dequant import dequant_tile
+from .dequant import dequant_tile, dot_rows
 from .gemm import block_k_for, output_epilogue
 from .lora import BLOCK_R
 from .runtime import ieee_dot, jit, launcher, mma, sum_axis
@@ -32,18 +36,23 @@ def gemv_kernel(x_ptr, qw_ptr, scales_ptr, zeros_ptr, xa_ptr, b_ptr, bias_ptr, y
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     mask_m = offs_m < M
     mask_n = offs_n < N
-    acc = tl.full((BLOCK_M, BLOCK_N), 0.0, tl.float32)
     k_start = pid_k * k_per_split
     k_end = tl.minimum(K, k_start + k_per_split)
-    for k0 in range(k_start, k_end, BLOCK_K):
-        offs_k = k0 + tl.arange(0, BLOCK_K)
-        x = tl.load(x_ptr + offs_m[:, None] * stride_xm + offs_k[None, :],
-                    mask=mask_m[:, None] & (offs_k < K)[None, :], other=0.0)
-        w = dequant_tile(qw_ptr, scales_ptr, zeros_ptr, N, Kp, k0, offs_n, mask_n, BLOCK_K,
-                         BLOCK_N, BITS, GROUP)
-        if BLOCK_M == 1:
-            acc += sum_axis(tl.trans(x.to(tl.float32)) * w, 0)[None, :]
-        else:
+    if BLOCK_M == 1:
+        W0: tl.constexpr = 2 if BITS == 3 else BITS
+        part = tl.full((BLOCK_K * W0 // 32, BLOCK_N), 0.0, tl.float32)
+        for k0 in range(k_start, k_end, BLOCK_K):
+            part += dot_rows(x_ptr, qw_ptr, scales_ptr, zeros_ptr, N, K, Kp, k0, offs_n, mask_n,
+                             BLOCK_K, BLOCK_N, BITS, GROUP)
+        acc = sum_axis(part, 0)[None, :]
+    else:
+        acc = tl.full((BLOCK_M, BLOCK_N), 0.0, tl.float32)
+        for k0 in range(k_start, k_end, BLOCK_K):
+            offs_k = k0 + tl.arange(0, BLOCK_K)
+            x = tl.load(x_ptr + offs_m[:, None] * stride_xm + offs_k[None, :],
+                        mask=mask_m[:, None] & (offs_k < K)[None, :], other=0.0)
+            w = dequant_tile(qw_ptr, scales_ptr, zeros_ptr, N, Kp, k0, offs_n, mask_n, BLOCK_K,
+                             BLOCK_N, BITS, GROUP)
             acc = mma(x, w, acc, IEEE_DOT)
     if SPLIT:
         tl.store(partial_ptr + (pid_k * M + offs_m[:, None]) * N + offs_n[None, :], acc,
@@ -85,8 +94,9 @@ def gemv(x2, qweight, scales, zeros, bits, group_size, out_features, xa=None, lo
     ``split_k`` None picks it from the shape and the device's SM count.
     """
     from .config import launch_config, num_programs_target
-    cfg = dict(launch_config("decode", x2.device), **(config or {}))
     m, k = x2.shape
+    # fp32 with 2-16 rows runs tf32x3 dots: the smaller fp32 tiles (one row uses no dot).
+    cfg = dict(launch_config("decode", x2.device, x2.dtype if m > 1 else None), **(config or {}))
     if m > 16:
         raise ValueError(f"x: the decode kernel takes at most 16 rows, got {m}")
     n = out_features

@@ -23,20 +23,22 @@ BLOCK_R = 16
 @jit
 def lora_epilogue(acc, offs_m, mask_m, offs_c, mask_c, t_ptr, rank, u_ptr, stride_ur,
                   stride_uc, scaling, BLOCK_M: tl.constexpr, BLOCK_R: tl.constexpr):
-    """``acc + scaling · T[offs_m, :rank] · U[:rank, offs_c]``; T is fp32 ``[M, rank]``."""
-    lora = tl.full(acc.shape, 0.0, tl.float32)
+    """``acc + scaling · T[offs_m, :rank] · U[:rank, offs_c]``; T is fp32 ``[M, rank]``.
+
+    The product accumulates straight into ``acc`` (``scaling`` applied to T's small tile): a
+    second tile-sized accumulator would double the registers of the tile and spill."""
     for r0 in range(0, rank, BLOCK_R):
         offs_r = r0 + tl.arange(0, BLOCK_R)
         mask_r = offs_r < rank
         t = tl.load(t_ptr + offs_m[:, None] * rank + offs_r[None, :],
-                    mask=mask_m[:, None] & mask_r[None, :], other=0.0)
+                    mask=mask_m[:, None] & mask_r[None, :], other=0.0) * scaling
         u = tl.load(u_ptr + offs_r[:, None] * stride_ur + offs_c[None, :] * stride_uc,
                     mask=mask_r[:, None] & mask_c[None, :], other=0.0).to(tl.float32)
         if BLOCK_M >= 16:
-            lora = tl.dot(t, u, lora, input_precision="ieee")
+            acc = tl.dot(t, u, acc, input_precision="ieee")
         else:  # decode: too few rows for a dot
-            lora += sum_axis(t[:, :, None] * u[None, :, :], 1)
-    return acc + scaling * lora
+            acc += sum_axis(t[:, :, None] * u[None, :, :], 1)
+    return acc
 
 
 @jit(do_not_specialize=["rank"])

@@ -51,24 +51,31 @@ def sum_axis(x, AXIS: tl.constexpr):
 def mma(a, b, acc, IEEE: tl.constexpr):
     """``acc + a·b`` in fp32 with ``b`` first rounded to ``a``'s dtype (fp16/bf16/fp32).
 
-    ``IEEE`` (see :func:`ieee_dot`) multiplies in fp32 instead of on fp16/bf16 tensor
-    cores: for fp32 activations (the contract allows them; tf32 would lose precision) and
-    for bf16 under the interpreter, whose ``tl.dot`` multiplies the raw uint16 bits of
-    bf16 tiles. A product of two bf16 values is exact in fp32, so the emulated dot gives
-    the tensor-core result up to summation order.
+    ``IEEE`` (see :func:`ieee_dot`): 0 multiplies fp16/bf16 on the tensor cores; 2 is fp32
+    activations compiled for a GPU, as three tf32 products on the tensor cores ("tf32x3":
+    each operand split into a tf32 high and low part, fp32 accuracy); 1 multiplies in plain
+    fp32 FMAs — the interpreter, for fp32, and for bf16, whose interpreted ``tl.dot``
+    multiplies the raw uint16 bits of bf16 tiles. A product of two bf16 values is exact in
+    fp32, so the emulated dot gives the tensor-core result up to summation order. (An fp32
+    FMA dot compiled for a GPU has no register layout of its own: at 64 x 128 tiles it
+    lives in local memory, kilobytes of it — hence tf32x3.)
     """
     b = b.to(a.dtype)
-    if IEEE:
+    if IEEE == 2:
+        acc = tl.dot(a.to(tl.float32), b.to(tl.float32), acc, input_precision="tf32x3")
+    elif IEEE == 1:
         acc = tl.dot(a.to(tl.float32), b.to(tl.float32), acc, input_precision="ieee")
     else:
         acc = tl.dot(a, b, acc)
     return acc
 
 
-def ieee_dot(t: torch.Tensor) -> bool:
-    """The ``IEEE`` flag of :func:`mma` for activations ``t``."""
+def ieee_dot(t: torch.Tensor) -> int:
+    """The ``IEEE`` flag of :func:`mma` for activations ``t`` (0, 1 or 2; see there)."""
     device_type = _recording_for or t.device.type
-    return t.dtype == torch.float32 or (device_type == "cpu" and t.dtype == torch.bfloat16)
+    if device_type == "cpu":
+        return int(t.dtype in (torch.float32, torch.bfloat16))
+    return 2 if t.dtype == torch.float32 else 0
 
 
 def interpreted(kernel: JITFunction):

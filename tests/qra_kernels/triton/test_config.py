@@ -44,3 +44,13 @@ def test_block_k_never_splits_a_word_and_tiles_groups(group_size, block_k):
 def test_bad_block_k_is_rejected(block_k):
     with pytest.raises(ValueError, match="BLOCK_K"):
         block_k_for(64, block_k)
+
+
+def test_fp32_activations_take_their_own_tiles():
+    # tf32x3 dots need smaller tiles to stay out of local memory (the static gate checks it).
+    cpu = torch.device("cpu")
+    entry = config.configs_for(cpu)
+    for regime in ("gemm", "grad_input", "decode"):
+        assert config.launch_config(regime, cpu, torch.float32) == entry[f"{regime}_fp32"]
+        assert config.launch_config(regime, cpu, torch.bfloat16) == entry[regime]
+    assert config.launch_config("lora_grad", cpu, torch.float32) == entry["lora_grad"]
