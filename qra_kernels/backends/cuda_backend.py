@@ -79,10 +79,8 @@ class CudaBackend(Backend):
                 lora_B, scaling, bias):
         ext = _ext.extension()
         k = x.shape[-1]
-        kp = _ext.check_packed(qweight, scales, zeros, bits, group_size, out_features, k,
-                               x.device)
-        rank = _ext.check_lora(lora_A, lora_B, out_features, k, x.device)
-        _ext.check_bias(bias, out_features, x.device)
+        kp, rank = _ext.check_packed_call(x, qweight, scales, zeros, bits, group_size,
+                                          out_features, lora_A, lora_B, bias)
         x2 = x.reshape(-1, k).contiguous()
         m = x2.shape[0]
         y = torch.empty(m, out_features, dtype=x.dtype, device=x.device)
@@ -112,9 +110,8 @@ class CudaBackend(Backend):
                  lora_A, lora_B, scaling, need_x, need_lora):
         ext = _ext.extension()
         k = x.shape[-1]
-        kp = _ext.check_packed(qweight, scales, zeros, bits, group_size, out_features, k,
-                               x.device)
-        rank = _ext.check_lora(lora_A, lora_B, out_features, k, x.device)
+        kp, rank = _ext.check_packed_call(x, qweight, scales, zeros, bits, group_size,
+                                          out_features, lora_A, lora_B, None)
         _ext.check_grad_out(grad_out, x, out_features)
         g2 = grad_out.reshape(-1, out_features)
         if g2.dtype not in _ext.DTYPE_CODES:
