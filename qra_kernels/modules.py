@@ -36,6 +36,26 @@ def _check_rank(rank) -> int:
     return rank
 
 
+def apply_keeping_packed(module: nn.Module, fn, recurse: bool, packed) -> nn.Module:
+    """``nn.Module._apply`` for a module holding packed tensors (``QRALinear``,
+    ``QRAExperts``): ``module.to(dtype)`` / ``.half()`` / ``.bfloat16()`` move ``packed``
+    (scales and zeros) but never cast them -- their dtype is part of the stored format -- so
+    only the device part of ``fn`` is applied to them, from the untouched original; the
+    module's ``compute_dtype`` follows a floating cast."""
+    keep = {id(t) for t in packed}
+
+    def guarded(t):
+        out = fn(t)
+        if id(t) in keep and out.dtype != t.dtype:
+            out = t.to(out.device)
+        return out
+
+    probe = fn(torch.empty(0, dtype=module.compute_dtype))
+    if probe.is_floating_point() and probe.dtype in LORA_DTYPES:
+        module.compute_dtype = probe.dtype
+    return nn.Module._apply(module, guarded, recurse)
+
+
 class QRALinear(nn.Module):
     """A linear layer whose weight is stored packed (see docs/FORMAT.md), with a LoRA
     adapter ``y = x·Wqᵀ + (alpha / rank)·(x·Aᵀ)·Bᵀ + bias``.
@@ -221,20 +241,7 @@ class QRALinear(nn.Module):
                              self.group_size, self.out_features, None, None, 0.0, self.bias)
 
     def _apply(self, fn, recurse=True):
-        # Keep the stored scale dtype through module.to(dtype)/.half()/.bfloat16(): apply
-        # only the device part of fn to scales and zeros, from the untouched original.
-        keep = (self.scales, self.zeros)
-
-        def guarded(t):
-            out = fn(t)
-            if any(t is k for k in keep) and out.dtype != t.dtype:
-                out = t.to(out.device)
-            return out
-
-        probe = fn(torch.empty(0, dtype=self.compute_dtype))
-        if probe.is_floating_point() and probe.dtype in LORA_DTYPES:
-            self.compute_dtype = probe.dtype
-        return super()._apply(guarded, recurse)
+        return apply_keeping_packed(self, fn, recurse, (self.scales, self.zeros))
 
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, "

@@ -39,6 +39,7 @@ from torch import nn
 
 from .format import (SCALE_DTYPES, QuantizedWeight, check_bits, check_group_size,
                      expert_code_rows, experts_packed_nbytes, padded_in_features)
+from .modules import apply_keeping_packed
 from .ops import grouped_linear_packed
 from .quantizers import quantize_weight
 from .validate import ACTIVATION_DTYPES, check_float
@@ -432,20 +433,8 @@ class QRAExperts(nn.Module):
         return y.view(tokens, top_k, hidden).sum(dim=1).to(hidden_states.dtype)
 
     def _apply(self, fn, recurse=True):
-        # As QRALinear._apply: a dtype cast moves scales and zeros but never casts them.
-        keep = {id(self._parameters[f"{p}_{s}"]) for p in self.projections
-                for s in ("scales", "zeros")}
-
-        def guarded(t):
-            out = fn(t)
-            if id(t) in keep and out.dtype != t.dtype:
-                out = t.to(out.device)
-            return out
-
-        probe = fn(torch.empty(0, dtype=self.compute_dtype))
-        if probe.is_floating_point() and probe.dtype in ACTIVATION_DTYPES:
-            self.compute_dtype = probe.dtype
-        return super()._apply(guarded, recurse)
+        return apply_keeping_packed(self, fn, recurse, [
+            self._parameters[f"{p}_{s}"] for p in self.projections for s in ("scales", "zeros")])
 
     def extra_repr(self) -> str:
         parts = ", ".join(f"{p}={list(s)}@{_compact(self.bits[p])}b"
