@@ -29,14 +29,16 @@ def main(argv=None) -> int:
     p.add_argument("--heldout-blocks", type=int, default=16)
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--model", default=None, help="a GGUF file (default: Gemma-3-270M)")
+    p.add_argument("--no-float", action="store_true", help="skip the float row")
     p.add_argument("--out", default=None)
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
-    from peft import LoraConfig, get_peft_model
+    from peft import get_peft_model
 
     import qra_kernels
     from qra_kernels import QRALinear, QraConfig
     from qra_kernels.integrations.gguf import load_gguf
+    from qra_kernels.integrations.peft import lora_config
     from qra_kernels.text import calibration_and_heldout, token_blocks
     from qra_search.models import perplexity
 
@@ -64,8 +66,9 @@ def main(argv=None) -> int:
             row["eval_s"] = time.perf_counter() - t
         if n_q:
             # one PEFT LoRA step on the quantized model: adapters move, frozen tensors do not
-            peft_model = get_peft_model(model, LoraConfig(r=8, lora_alpha=16,
-                                                          target_modules="all-linear"))
+            # every QRALinear, exact names, registered for PEFT (PEFT's "all-linear" does
+            # not match a QRALinear)
+            peft_model = get_peft_model(model, lora_config(model, r=8, lora_alpha=16))
             frozen = {n: t.detach().clone() for n, t in peft_model.state_dict().items()
                       if "lora_" not in n}
             opt = torch.optim.AdamW([q for q in peft_model.parameters() if q.requires_grad],
@@ -92,7 +95,8 @@ def main(argv=None) -> int:
             with open(args.out, "a") as f:
                 f.write(json.dumps(row) + "\n")
 
-    run("float")
+    if not args.no_float:
+        run("float")
     for method in args.methods.split(","):
         for bits in [int(b) for b in args.bits.split(",")]:
             run(f"QraConfig(bits={bits}, method={method!r})",
