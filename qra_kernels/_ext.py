@@ -12,11 +12,8 @@ from typing import Optional
 
 import torch
 
-# The checks live in .validate; the compiled backends reach them through this module.
-from .validate import (check_bias, check_grad_out, check_lora, check_packed,  # noqa: F401
-                       check_packed_call)
 
-__all__ = ["extension", "DTYPE_CODES", "dtype_code", "check_packed", "data_ptr"]
+__all__ = ["extension", "DTYPE_CODES", "dtype_code", "data_ptr"]
 
 # Must match enum qra::DType in csrc/dequant.cuh.
 DTYPE_CODES = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}

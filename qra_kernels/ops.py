@@ -25,7 +25,7 @@ from torch import Tensor
 
 from .backends import select_backend
 from .format import QuantizedWeight
-from .validate import ACTIVATION_DTYPES, check_linear_args  # noqa: F401 - re-exported
+from .validate import check_linear_args
 
 __all__ = ["qra_linear", "linear_packed", "grouped_linear_packed"]
 

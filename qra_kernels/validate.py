@@ -1,8 +1,8 @@
 """The argument checks of the ``qra::linear`` op, in one place.
 
 Every entry point validates with these: :func:`qra_kernels.qra_linear` and ``QRALinear``
-(:func:`check_linear_args`), the compiled backends through :mod:`._ext`, and the Triton
-functions (:func:`check_packed_call`). The kernels index raw pointers, so a wrong shape
+(:func:`check_linear_args`), and the compiled cpu/cuda backends and the Triton functions
+(:func:`check_packed_call`). The kernels index raw pointers, so a wrong shape
 would read out of bounds rather than fail; each check raises ``TypeError`` (wrong type or
 dtype) or ``ValueError`` (wrong shape, device or value) naming the argument.
 """

@@ -34,6 +34,7 @@ from typing import Optional
 import torch
 
 from .. import _ext
+from ..validate import check_grad_out, check_packed_call
 from . import Backend, register_backend
 
 PATHS = ("auto", "gemv", "int8", "gemm")
@@ -185,8 +186,8 @@ class CpuBackend(Backend):
     def forward(self, x, qweight, scales, zeros, bits, group_size, out_features, lora_A,
                 lora_B, scaling, bias):
         k = x.shape[-1]
-        kp, rank = _ext.check_packed_call(x, qweight, scales, zeros, bits, group_size,
-                                          out_features, lora_A, lora_B, bias)
+        kp, rank = check_packed_call(x, qweight, scales, zeros, bits, group_size,
+                                     out_features, lora_A, lora_B, bias)
         x2 = _ext.rows_view(x, k)
         m = x2.shape[0]
         y = torch.empty(m, out_features, dtype=x.dtype)
@@ -208,12 +209,9 @@ class CpuBackend(Backend):
     def backward(self, grad_out, x, qweight, scales, zeros, bits, group_size, out_features,
                  lora_A, lora_B, scaling, need_x, need_lora):
         k = x.shape[-1]
-        kp, rank = _ext.check_packed_call(x, qweight, scales, zeros, bits, group_size,
-                                          out_features, lora_A, lora_B, None)
-        _ext.check_grad_out(grad_out, x, out_features)
-        if grad_out.dtype not in _ext.DTYPE_CODES:
-            raise TypeError(f"grad_out must be float32, float16 or bfloat16, got "
-                            f"{grad_out.dtype}")
+        kp, rank = check_packed_call(x, qweight, scales, zeros, bits, group_size,
+                                     out_features, lora_A, lora_B, None)
+        check_grad_out(grad_out, x, out_features)
         g2 = grad_out.reshape(-1, out_features).contiguous()
         m = g2.shape[0]
         grad_x = grad_A = grad_B = None

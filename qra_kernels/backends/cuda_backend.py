@@ -13,6 +13,7 @@ from __future__ import annotations
 import torch
 
 from .. import _ext
+from ..validate import check_grad_out, check_packed_call
 from . import Backend, register_backend
 
 # The decode kernel's split-K and LoRA arrival counters: int32, zero before a call and left
@@ -79,8 +80,8 @@ class CudaBackend(Backend):
                 lora_B, scaling, bias):
         ext = _ext.extension()
         k = x.shape[-1]
-        kp, rank = _ext.check_packed_call(x, qweight, scales, zeros, bits, group_size,
-                                          out_features, lora_A, lora_B, bias)
+        kp, rank = check_packed_call(x, qweight, scales, zeros, bits, group_size,
+                                     out_features, lora_A, lora_B, bias)
         x2 = x.reshape(-1, k).contiguous()
         m = x2.shape[0]
         y = torch.empty(m, out_features, dtype=x.dtype, device=x.device)
@@ -110,13 +111,10 @@ class CudaBackend(Backend):
                  lora_A, lora_B, scaling, need_x, need_lora):
         ext = _ext.extension()
         k = x.shape[-1]
-        kp, rank = _ext.check_packed_call(x, qweight, scales, zeros, bits, group_size,
-                                          out_features, lora_A, lora_B, None)
-        _ext.check_grad_out(grad_out, x, out_features)
-        g2 = grad_out.reshape(-1, out_features)
-        if g2.dtype not in _ext.DTYPE_CODES:
-            g2 = g2.to(torch.float32)
-        g2 = g2.contiguous()
+        kp, rank = check_packed_call(x, qweight, scales, zeros, bits, group_size,
+                                     out_features, lora_A, lora_B, None)
+        check_grad_out(grad_out, x, out_features)
+        g2 = grad_out.reshape(-1, out_features).contiguous()
         m = g2.shape[0]
         g32 = g2.to(torch.float32)
         x2 = x.reshape(-1, k).to(torch.float32) if need_lora else None
