@@ -2,8 +2,10 @@
 
 1. search per-layer (bits, rank) under the budget (resuming from ``<out>/archive.jsonl``
    when the directory holds an earlier demo);
-2. held-out perplexity of float, uniform 4-bit, uniform 4-bit + rank ``--default-rank`` and
-   the searched allocation, on blocks never used for calibration;
+2. held-out perplexity of float, the uniform allocations at the bit-widths around the budget
+   (without and with rank ``--default-rank`` adapters: 4-bit at ``--budget-bits 4.0``, 3- and
+   4-bit at 3.25, those over the budget marked) and the searched allocation, on blocks never
+   used for calibration;
 3. the searched allocation applied as ``QRALinear`` layers from the very entries the search
    scored, its logits checked against the evaluated allocation's, and saved with
    :func:`qra_kernels.save_quantized` to ``<out>/model`` (reloads with ``from_pretrained``);
@@ -74,7 +76,8 @@ def run_demo(args) -> int:
           "'float' is the default model's dequantized Q4_1 weights):")
     for r in report:
         mem = f"{r['linear_MiB']:.2f} MiB" if r["linear_MiB"] else "float32"
-        print(f"  {r['model']:<26} ppl {r['heldout_ppl']:8.2f}   linear layers {mem}")
+        over = "  (over the budget)" if r.get("within_budget") is False else ""
+        print(f"  {r['model']:<26} ppl {r['heldout_ppl']:8.2f}   linear layers {mem}{over}")
     print(f"saved the quantized model to {info['dir']} (QRALinear layers "
           f"{info['linear_bytes'] / 2**20:.2f} MiB; its logits match the evaluated "
           f"allocation to {diff:.2e}); reload: import qra_kernels; "
@@ -106,6 +109,21 @@ def run_demo(args) -> int:
     return 0
 
 
+def uniform_bits_near(budget_bits, bits_choices):
+    """The uniform references the held-out table compares the search with: the bit-widths
+    just below and just above a ``--budget-bits`` budget (both 4 at 4.0, 3 and 4 at 3.25),
+    4 bits when the budget is given another way. Only bit-widths the search may choose."""
+    choices = sorted(bits_choices)
+    if budget_bits is None:
+        near = [4]
+    else:
+        below = [b for b in choices if b <= budget_bits]
+        above = [b for b in choices if b >= budget_bits]
+        near = sorted({x for x in (below[-1] if below else None, above[0] if above else None)
+                       if x is not None})
+    return [b for b in near if b in choices]
+
+
 def _heldout_table(args, config, model, tok, result):
     """Perplexity rows on held-out blocks, and the evaluated allocation's reference logits
     (on the first held-out block) for the saved model's check."""
@@ -124,19 +142,20 @@ def _heldout_table(args, config, model, tok, result):
                         hessian_tokens=hessian)
     ev = Evaluator(model, store, held[:1])
     rows = [("float", None)]
-    for name, bits, rank in (("uniform 4-bit", 4, 0),
-                             (f"uniform 4-bit + rank {config.default_rank}", 4,
-                              config.default_rank)):
-        if bits in config.bits_choices:
+    for bits in uniform_bits_near(config.budget_bits, config.bits_choices):
+        for rank in (0, config.default_rank):
+            name = f"uniform {bits}-bit" + (f" + rank {rank}" if rank else "")
             rows.append((name, {n: (bits, rank) for n in layers}))
     rows.append(("searched", {n: (s["bits"], s["rank"]) for n, s in layers.items()}))
     costs = CostModel({n: tuple(s["shape"]) for n, s in layers.items()}, config.group_size)
+    limit = result.budget.get("memory_bytes")
     report = []
     for name, cfg in tqdm(rows, desc="held-out perplexity", disable=args.no_progress):
         nll = ev.loss(cfg or {}, held)
         mem = costs.memory_bytes(cfg) if cfg else None
         report.append({"model": name, "heldout_ppl": math.exp(nll), "heldout_nll": nll,
-                       "linear_MiB": mem / 2**20 if mem else None})
+                       "linear_MiB": mem / 2**20 if mem else None,
+                       "within_budget": None if mem is None or limit is None else mem <= limit})
     ev.apply(rows[-1][1])
     with torch.no_grad():
         ref = model(held[:1, :64], use_cache=False).logits

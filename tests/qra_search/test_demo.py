@@ -33,6 +33,10 @@ def test_demo_model_reloads_with_the_evaluated_logits(tmp_path, capsys):
     report = json.load(open(os.path.join(out, "report.json")))
     assert report["qralinear_max_logit_diff"] < 1e-3
     assert report["peak_rss_mb"]["process"] > 0 and "sensitivity" in report["peak_rss_mb"]
+    names = [r["model"] for r in report["perplexity"]]
+    assert names == ["float", "uniform 4-bit", "uniform 4-bit + rank 8", "searched"]
+    # the budget is uniform 4-bit + rank 8 itself: it fits, as does the searched allocation
+    assert [r["within_budget"] for r in report["perplexity"]] == [None, True, True, True]
     alloc = Allocation.load(os.path.join(out, "allocation.json"))
 
     reloaded = AutoModelForCausalLM.from_pretrained(os.path.join(out, "model")).eval()
@@ -53,3 +57,14 @@ def test_demo_model_reloads_with_the_evaluated_logits(tmp_path, capsys):
     assert cli.main(["demo", "--out", out, *CHEAP]) == 0
     printed = capsys.readouterr().out
     assert "'cheap': 0" in printed and "'proxy': 0" in printed
+
+
+def test_uniform_references_bracket_the_budget():
+    from qra_search.demo import uniform_bits_near
+    assert uniform_bits_near(4.0, (2, 3, 4, 8)) == [4]
+    assert uniform_bits_near(3.25, (2, 3, 4, 8)) == [3, 4]
+    assert uniform_bits_near(5.0, (2, 3, 4, 8)) == [4, 8]
+    assert uniform_bits_near(3.25, (4, 8)) == [4]      # nothing below: the one above
+    assert uniform_bits_near(9.0, (2, 4, 8)) == [8]
+    assert uniform_bits_near(None, (2, 3, 4, 8)) == [4]  # budget in MiB or latency
+    assert uniform_bits_near(None, (2, 8)) == []
