@@ -2,7 +2,8 @@
 
 ``peak_rss_mb`` is the process's peak resident set so far (``getrusage``'s ``ru_maxrss``),
 read when a stage ends, so each stage's figure is the peak up to and including it;
-``rss_mb`` is the resident set at that moment (``/proc/self/statm``).
+``rss_mb`` is the resident set at that moment (``/proc/self/statm``), after the heap's free
+pages have been handed back.
 """
 from __future__ import annotations
 
@@ -22,6 +23,26 @@ def rss_mb() -> float:
             return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
     except OSError:
         return float("nan")
+
+
+def release_free_heap() -> None:
+    """Hand the heap's free pages back to the system (glibc's ``malloc_trim``; nothing
+    elsewhere). Freed small blocks — activations, adapter gradients — stay in the heap
+    between allocated ones and keep counting in the resident set; called between stages so
+    that what one stage freed does not raise the next one's peak (SmolLM2-135M: ~100 MB
+    after quantization). Frees nothing that is in use, so it is safe in a library."""
+    global _malloc_trim
+    if _malloc_trim is None:
+        try:
+            import ctypes
+            _malloc_trim = ctypes.CDLL("libc.so.6").malloc_trim
+        except (OSError, AttributeError):
+            _malloc_trim = False
+    if _malloc_trim:
+        _malloc_trim(0)
+
+
+_malloc_trim = None
 
 
 class StageClock:
@@ -47,6 +68,7 @@ class StageClock:
         if self._stage is None:
             return
         seconds = time.perf_counter() - self._t
+        release_free_heap()
         self.timings[self._stage] = self.timings.get(self._stage, 0.0) + seconds
         self.resources[self._stage] = {"peak_rss_mb": round(peak_rss_mb(), 1),
                                        "rss_mb": round(rss_mb(), 1)}

@@ -110,6 +110,35 @@ def test_proxy_finetune_lowers_validation_loss_and_restores(model, tokens):
     assert all(p.requires_grad for p in model.parameters())
 
 
+def test_finetune_checkpoints_blocks_with_the_same_result(model, tokens):
+    """Per-block activation checkpointing recomputes every decoder block in the backward
+    (two forwards of each block a step instead of one), gives the same losses, and is off
+    again afterwards. (Counted on a module inside the block: transformers 5 checkpoints the
+    block's ``forward``, so the block's own hooks run once.)"""
+    ev = _ev(model, tokens)
+    cfg = {n: (4, 8) for n in ev.linears}
+    blk = model.model.layers[0].self_attn  # not the last: the recompute stops early
+    calls = []
+    hook = blk.register_forward_hook(lambda *a: calls.append(1))
+    try:
+        logs = {}
+        counts = {}
+        for ck in (False, True):
+            calls.clear()
+            logs[ck] = []
+            ev.finetune(cfg, 2, 3e-3, seed=0, checkpoint_blocks=ck, eval_tokens=ev.calib[:1],
+                        log=logs[ck])
+            counts[ck] = len(calls)
+    finally:
+        hook.remove()
+    assert logs[True] == pytest.approx(logs[False], rel=1e-6, abs=1e-7)
+    # 2 steps + 1 evaluation: 3 forwards of the block without, 2 more with checkpointing
+    assert counts[False] == 3 and counts[True] == 5
+    assert not model.is_activation_checkpointing
+    assert ev.finetune(cfg, 1, 3e-3, seed=0) == pytest.approx(
+        ev.finetune(cfg, 1, 3e-3, seed=0, checkpoint_blocks=False), rel=1e-6)
+
+
 def test_quant_store_on_disk_is_reused_and_consolidated(model, tmp_path):
     name = "model.layers.0.self_attn.q_proj"
     s1 = _store(model, str(tmp_path))
