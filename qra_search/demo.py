@@ -115,13 +115,10 @@ def uniform_bits_near(budget_bits, bits_choices):
     4 bits when the budget is given another way. Only bit-widths the search may choose."""
     choices = sorted(bits_choices)
     if budget_bits is None:
-        near = [4]
-    else:
-        below = [b for b in choices if b <= budget_bits]
-        above = [b for b in choices if b >= budget_bits]
-        near = sorted({x for x in (below[-1] if below else None, above[0] if above else None)
-                       if x is not None})
-    return [b for b in near if b in choices]
+        return [4] if 4 in choices else []
+    below = [b for b in choices if b <= budget_bits]
+    above = [b for b in choices if b >= budget_bits]
+    return sorted(set(below[-1:] + above[:1]))
 
 
 def _heldout_table(args, config, model, tok, result):
