@@ -333,6 +333,11 @@ def _loader_python(root):
         for p in dict.fromkeys(paths):
             f.write(f"import site; site.addsitedir({p!r})\n")
     env = {**os.environ, "BUILD_CUDA_EXT": "0", "PIP_DISABLE_PIP_VERSION_CHECK": "1"}
+    # The loader packages are sdists built without isolation: with the parent's setuptools
+    # (torch requires one). The side environment's own (ensurepip's, 65.x on Python 3.11)
+    # would shadow it and cannot read their PEP 639 `project.license` strings.
+    subprocess.run([py, "-m", "pip", "uninstall", "-y", "-q", "setuptools"], env=env,
+                   capture_output=True, timeout=300)
     proc = subprocess.run([py, "-m", "pip", "install", "-q", "--no-deps", "--no-build-isolation",
                            *LOADER_PACKAGES], env=env, capture_output=True, text=True,
                           timeout=1200)
