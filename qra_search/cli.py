@@ -74,6 +74,17 @@ def _add_search_options(p, demo: bool = False):
                    help="CMA-ES population per generation (default 4 + 3·ln(genes), at least 6)")
     e.add_argument("--refine-steps", type=int, default=4 if demo else 8,
                    help="GP / expected-improvement evaluations")
+    e.add_argument("--descent-rounds", type=int, default=1 if demo else 2,
+                   help="rounds of measured descent around the best candidate (stage IV, "
+                        "about 4 KL passes per layer group a round; 0 = none)")
+    e.add_argument("--select", choices=["proxy-near-kl", "kl", "proxy"],
+                   default="proxy-near-kl",
+                   help="how the result is chosen: lowest proxy fine-tune loss among the "
+                        "finalists within --kl-slack of the lowest KL (default), lowest KL, or "
+                        "lowest proxy loss")
+    e.add_argument("--kl-slack", type=float, default=2.0,
+                   help="with --select proxy-near-kl: finalists with KL <= this times the "
+                        "lowest KL are eligible (default 2)")
     e.add_argument("--proxy-top", type=int, default=1 if demo else 2,
                    help="candidates that get the proxy fine-tune (costly fidelity)")
     e.add_argument("--proxy-steps", type=int, default=8 if demo else 10,
@@ -227,7 +238,9 @@ def search_config(args):
         default_rank=args.default_rank, granularity=args.granularity,
         group_size=args.group_size, method=args.method, seed=args.seed,
         evaluations=args.evaluations, popsize=args.popsize, refine_steps=args.refine_steps,
-        proxy_top=args.proxy_top, proxy_steps=args.proxy_steps, seq_len=args.seq_len,
+        descent_rounds=args.descent_rounds, select=args.select, kl_slack=args.kl_slack,
+        proxy_top=args.proxy_top,
+        proxy_steps=args.proxy_steps, seq_len=args.seq_len,
         n_blocks=args.calib_blocks, hessian_blocks=args.hessian_blocks,
         proxy_blocks=args.proxy_blocks)
 

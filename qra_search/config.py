@@ -15,6 +15,7 @@ from qra_kernels.format import SUPPORTED_BITS, SUPPORTED_GROUP_SIZES
 
 GRANULARITIES = ("block", "module")
 METHODS = ("recommended", "rtn", "hqq", "gptq")
+SELECTIONS = ("proxy-near-kl", "kl", "proxy")
 
 # Fields that change what an archived evaluation *means*: a resumed search must agree on
 # them. Everything else (budget, effort, choices) may change between runs of one archive —
@@ -46,6 +47,17 @@ class SearchConfig:
     evaluations: int = 48
     popsize: Optional[int] = None
     refine_steps: int = 8
+    # Stage IV (:mod:`qra_search.descent`): rounds of measured descent around the best
+    # candidate, each about 4 KL passes per group.
+    descent_rounds: int = 2
+    # How the result is chosen (docs/SEARCH.md, "Which candidate is chosen"):
+    # "proxy-near-kl" — among the finalists whose KL is at most kl_slack times the lowest
+    # measured KL, the lowest proxy fine-tune loss (KL guards what the quantized model keeps,
+    # the proxy picks the adapter capacity to learn); "kl" — the lowest measured KL;
+    # "proxy" — the lowest proxy loss among all finalists. Without proxy fine-tunes
+    # (proxy_top=0) "proxy-near-kl" is "kl".
+    select: str = "proxy-near-kl"
+    kl_slack: float = 2.0
     proxy_top: int = 2
     proxy_steps: int = 10
     proxy_lr: float = 5e-4
@@ -114,10 +126,17 @@ class SearchConfig:
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, int) or v < 1:
                 raise ValueError(f"{name} must be a positive int, got {v!r}")
-        for name in ("refine_steps", "proxy_top", "proxy_steps", "seed", "proxy_blocks"):
+        for name in ("refine_steps", "descent_rounds", "proxy_top", "proxy_steps", "seed", "proxy_blocks"):
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, int) or v < 0:
                 raise ValueError(f"{name} must be an int >= 0, got {v!r}")
+        if self.select not in SELECTIONS:
+            raise ValueError(f"select must be one of {SELECTIONS}, got {self.select!r}")
+        if self.select == "proxy" and self.proxy_top < 1:
+            raise ValueError("select='proxy' needs proxy_top >= 1 (the finalists it fine-tunes)")
+        if (isinstance(self.kl_slack, bool) or not isinstance(self.kl_slack, (int, float))
+                or not math.isfinite(self.kl_slack) or self.kl_slack < 1):
+            raise ValueError(f"kl_slack must be a number >= 1, got {self.kl_slack!r}")
         if self.popsize is not None and (not isinstance(self.popsize, int) or self.popsize < 2):
             raise ValueError(f"popsize must be an int >= 2 or None, got {self.popsize!r}")
         if not (isinstance(self.proxy_lr, (int, float)) and self.proxy_lr > 0):

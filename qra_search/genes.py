@@ -1,5 +1,5 @@
 """The search's gene space: each layer group's (bits, rank), what it costs, and the
-budget-aware moves built on the sensitivity profile (repair, greedy, exchange).
+budget-aware moves built on the sensitivity profile (repair, greedy, exchange, fill).
 
 Each group has two genes in ``[0, 1]``: one picks its bit-width, one its rank, by cutting
 ``[0, 1]`` into equal cells over the sorted choices (:meth:`GeneSpace.decode`).
@@ -131,14 +131,59 @@ class GeneSpace:
             cfg[best[1]] = best[2]
         return cfg
 
-    def greedy(self, budget: Optional[Budget] = None, min_rank: int = 0) -> GroupConfig:
+    def greedy(self, budget: Optional[Budget] = None, min_rank: int = 0,
+               fill: bool = False) -> GroupConfig:
         """From the cheapest allocation, repeatedly take the feasible change with the best
         predicted quality gain per byte added, until none helps. ``min_rank`` keeps every
         group's adapter at least that large: the cheap fidelity sees what an adapter
         recovers at initialisation, not what it can still learn (plasticity), so seeds with
-        a rank floor put the budget's bits where they matter while keeping that capacity."""
-        return self.exchange(self._greedy_up(budget or self.budget, min_rank),
-                             budget or self.budget, min_rank)
+        a rank floor put the budget's bits where they matter while keeping that capacity.
+        ``fill``: then spend what is left of the memory budget (:meth:`fill`)."""
+        budget = budget or self.budget
+        cfg = self.exchange(self._greedy_up(budget, min_rank), budget, min_rank)
+        return self.fill(cfg, budget) if fill else cfg
+
+    def fill(self, cfg: GroupConfig, budget: Optional[Budget] = None,
+             slack: float = 0.01) -> GroupConfig:
+        """Spend the rest of the memory budget one level at a time (a group's bits or its
+        rank up one choice), best predicted gain per byte first — zero gains included,
+        since the additive model predicts nothing for what it cannot see (an adapter's
+        capacity to learn, interactions); a move predicted to *hurt* (a profile noisier than
+        its bit-widths' differences) is never taken — until within ``slack`` below the
+        budget or no move fits. Greedy stops where no move is *predicted* to help, often well below
+        the budget; a practitioner spends the memory they have."""
+        budget = budget or self.budget
+        target = budget.memory_bytes
+        cfg = dict(cfg)
+        if target is None:
+            return cfg
+        while self.memory(cfg) < (1.0 - slack) * target:
+            best = None
+            mem = self.memory(cfg)
+            for g in self.names:
+                b, r = cfg[g]
+                i, j = self.bits.index(b), self.ranks.index(r)
+                for o in ((self.bits[i + 1], r) if i + 1 < len(self.bits) else None,
+                          (b, self.ranks[j + 1]) if j + 1 < len(self.ranks) else None):
+                    if o is None:
+                        continue
+                    extra = self._bytes[g][o] - self._bytes[g][cfg[g]]
+                    if extra <= 0 or mem + extra > target:
+                        continue
+                    trial = dict(cfg)
+                    trial[g] = o
+                    if not self.feasible(trial, budget):
+                        continue
+                    gain = self._pred(g, cfg[g]) - self._pred(g, o)
+                    if gain < 0:
+                        continue
+                    score = (gain / extra, -extra)
+                    if best is None or score > best[0]:
+                        best = (score, g, o)
+            if best is None:
+                break
+            cfg[best[1]] = best[2]
+        return cfg
 
     def exchange(self, cfg: GroupConfig, budget: Optional[Budget] = None, min_rank: int = 0,
                  max_moves: int = 1000) -> GroupConfig:

@@ -1,4 +1,5 @@
-"""``run_search``: the three QR-Adaptor stages end to end, against measured costs.
+"""``run_search``: the QR-Adaptor stages (and a measured descent after them) end to end,
+against measured costs.
 
 Order of work (each timed, with the process's peak resident memory after it; see
 ``SearchResult.timings`` and ``SearchResult.resources``):
@@ -6,13 +7,22 @@ Order of work (each timed, with the process's peak resident memory after it; see
 0. ``quantize`` — every (layer, bits) quantized once (:mod:`qra_search.store`: on disk,
    one layer at a time; a killed run resumes at the layer in flight).
 1. ``sensitivity`` — stage I (:mod:`qra_search.sensitivity`), resumable pass by pass.
-2. ``exploration`` — uniform baselines and sensitivity-greedy seeds (at the budget and at
-   each baseline's memory, so the front is populated where it is compared), then CMA-ES
-   (:mod:`qra_search.evolution`), all at the cheap fidelity (KL).
+2. ``exploration`` — uniform baselines and sensitivity-greedy seeds (at the budget, the
+   first spending all of it; and at each baseline's memory, so the front is populated where
+   it is compared), then CMA-ES from the first seed (:mod:`qra_search.evolution`), all at
+   the cheap fidelity (KL).
 3. ``refinement`` — stage III, GP + constrained EI (:mod:`qra_search.refinement`).
-4. ``proxy`` — the costly fidelity for the promising few: the ``proxy_top`` best feasible
-   candidates, the plasticity seeds and the uniform allocation at the budget get the same
-   short LoRA fine-tune; ``best`` is the feasible one with the lowest validation loss.
+4. ``descent`` — stage IV, measured descent around the best candidate: one-level changes
+   measured in context, then budget-neutral exchanges built from them
+   (:mod:`qra_search.descent`); what the additive sensitivity model cannot see.
+5. ``proxy`` — the costly fidelity for the promising few: the ``proxy_top`` best feasible
+   candidates, the greedy and plasticity seeds and the uniform allocation at the budget get
+   the same short LoRA fine-tune.
+
+``best`` (``select``): by default the finalist with the lowest proxy validation loss among
+those whose KL is at most ``kl_slack`` (2) times the lowest measured KL
+(``"proxy-near-kl"``); or the feasible candidate with the lowest KL (``"kl"``); or the
+finalist with the lowest proxy loss (``"proxy"``).
 
 Every evaluation goes through the :class:`~qra_search.archive.Archive` first, so a resumed
 search recomputes nothing it has already measured, and a finished search run again with
@@ -36,6 +46,7 @@ from qra_kernels.allocation import Allocation, linear_shapes
 from .archive import Archive, pareto_front
 from .config import SearchConfig
 from .costs import CostModel, LatencyTable
+from .descent import descend
 from .evaluate import Evaluator, layer_groups, linear_modules, method_for
 from .evolution import explore
 from .genes import Budget, GeneSpace
@@ -221,7 +232,12 @@ def run_search(model, calibration, budget_bits=_UNSET, *, config: Optional[Searc
         default_rank = config.default_rank
         baselines = [space.uniform(b, r) for b in space.bits
                      for r in sorted({space.ranks[0], default_rank} & set(space.ranks))]
-        seeds = [space.greedy()]
+        # The greedy seed spends the whole budget (fill): greedy alone stops where no move
+        # is predicted to help, and the allocation a practitioner would build from the same
+        # profile (qra_search.compare's "greedy") is where the search must start, not below.
+        seeds = [space.greedy(fill=True)]
+        if space.key(space.greedy()) != space.key(seeds[0]):
+            seeds.append(space.greedy())
         # Plasticity seeds: the same greedy with every adapter at least r, for each rank choice
         # 0 < r <= default_rank, so the costly fidelity also sees allocations that keep
         # training capacity (the cheap KL values an adapter only at its initialisation).
@@ -252,6 +268,15 @@ def run_search(model, calibration, budget_bits=_UNSET, *, config: Optional[Searc
         clock.start("refinement")
         history = [(_cfg(r), r["quality"]) for r in visited.values()]
         refine(space, history, cheap("gp"), config.refine_steps, config.seed, progress=progress)
+        clock.stop()
+
+        # --- stage IV ----------------------------------------------------------------------
+        clock.start("descent")
+        feasible = sorted((r for r in visited.values() if space.feasible(_cfg(r))),
+                          key=lambda r: (r["quality"], r["key"]))
+        if feasible and config.descent_rounds:
+            descend(space, _cfg(feasible[0]), feasible[0]["quality"], cheap("descent"),
+                    config.descent_rounds, progress=progress)
         clock.stop()
 
         # --- costly fidelity for the promising few -------------------------------------------
@@ -289,10 +314,14 @@ def run_search(model, calibration, budget_bits=_UNSET, *, config: Optional[Searc
             ev.restore()
         clock.close()
 
-    if proxy_loss:
-        best_cfg = min(finalists, key=lambda c: (proxy_loss[space.key(c)], space.key(c)))
-    else:
-        best_cfg = finalists[0]
+    best_cfg = finalists[0]  # the feasible candidate with the lowest measured KL
+    if proxy_loss and config.select != "kl":
+        eligible = finalists
+        if config.select == "proxy-near-kl":
+            kl_of = {space.key(c): arch.get(space.key(c), "cheap")["quality"] for c in finalists}
+            floor = min(kl_of.values())
+            eligible = [c for c in finalists if kl_of[space.key(c)] <= config.kl_slack * floor]
+        best_cfg = min(eligible, key=lambda c: (proxy_loss[space.key(c)], space.key(c)))
 
     meta = {"search": config.to_dict(),
             "method_per_bits": {str(b): method_for(b, config.method) for b in space.bits},

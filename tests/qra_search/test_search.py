@@ -27,13 +27,56 @@ def test_search_result_respects_budget_and_contract(model, tokens, tmp_path, mak
     assert mems == sorted(mems) and quals == sorted(quals, reverse=True)  # a real front
     for a, o in r.pareto:
         assert a.memory_bytes == o["memory_bytes"]
-    assert set(r.timings) >= {"quantize", "sensitivity", "exploration", "refinement", "proxy"}
+    assert set(r.timings) >= {"quantize", "sensitivity", "exploration", "refinement", "descent",
+                              "proxy"}
     # the model is left with its float weights
     fresh = make_model()
     for (n, p), (_, q) in zip(model.named_parameters(), fresh.named_parameters()):
         assert torch.equal(p, q), n
     r.best.save(str(tmp_path / "alloc.json"))
     assert Allocation.load(str(tmp_path / "alloc.json")).layers == r.best.layers
+
+
+def test_select_kl_proxy_and_proxy_near_kl(
+        model, tokens, tmp_path):
+    arch = tmp_path / "a.jsonl"
+    kw = {**KW, "proxy_top": 2}
+    r = run_search(model, tokens, 3.5, cache_dir=str(tmp_path), archive=str(arch),
+                   **{**kw, "select": "kl"})
+    recs = [json.loads(l) for l in arch.read_text().splitlines()[1:]]
+    recs = [x for x in recs if "fidelity" in x]
+    limit = r.budget["memory_bytes"]
+    cheap = [x for x in recs if x["fidelity"] == "cheap" and x["memory_bytes"] <= limit]
+    assert r.best.objectives["quality"] == min(x["quality"] for x in cheap)
+    assert "descent" in {x["stage"] for x in recs}
+    # the first greedy seed spends the budget (fill), and the result is never worse than it
+    seeds = [x for x in recs if x["stage"] == "seed" and x["fidelity"] == "cheap"]
+    assert max(x["memory_bytes"] for x in seeds if x["memory_bytes"] <= limit) >= 0.99 * limit
+    assert r.best.objectives["quality"] <= min(x["quality"] for x in seeds
+                                               if x["memory_bytes"] <= limit)
+    p = run_search(model, tokens, 3.5, cache_dir=str(tmp_path), archive=str(arch), resume=True,
+                   **{**kw, "select": "proxy"})
+    recs = [json.loads(l) for l in arch.read_text().splitlines()[1:]]
+    proxies = [x["quality"] for x in recs if x.get("fidelity") == "proxy"]
+    assert len(proxies) >= 2
+    assert p.best.objectives["proxy_loss"] == min(proxies)
+    assert p.evaluations["cheap"] == 0  # the second run only re-read the archive
+    # the default: the lowest proxy loss among finalists within kl_slack of the lowest KL
+    kl_of = {x["key"]: x["quality"] for x in recs if x.get("fidelity") == "cheap"}
+    prox = {x["key"]: x["quality"] for x in recs if x.get("fidelity") == "proxy"}
+    floor = min(kl_of[k] for k in prox)
+    for slack in (1.0, 1.5, 1e6):
+        d = run_search(model, tokens, 3.5, cache_dir=str(tmp_path), archive=str(arch),
+                       resume=True, **{**kw, "kl_slack": slack})
+        eligible = [k for k in prox if kl_of[k] <= slack * floor]
+        assert d.best.objectives["proxy_loss"] == min(prox[k] for k in eligible)
+        assert d.best.objectives["quality"] <= slack * floor
+    with pytest.raises(ValueError, match="kl_slack"):
+        run_search(model, tokens, 3.5, **{**KW, "kl_slack": 0.5})
+    with pytest.raises(ValueError, match="select"):
+        run_search(model, tokens, 3.5, **{**KW, "select": "best"})
+    with pytest.raises(ValueError, match="proxy_top"):
+        run_search(model, tokens, 3.5, **{**KW, "select": "proxy", "proxy_top": 0})
 
 
 def test_infeasible_budget_names_the_smallest_feasible(model, tokens):
@@ -117,7 +160,7 @@ def test_more_evaluations_extend_a_finished_search(tokens, tmp_path, make_model)
 
 
 def test_a_search_killed_in_each_stage_resumes_to_the_same_result(tokens, tmp_path, make_model):
-    """Kill (as an exception in the evaluator would) inside stage 0, I, II, III and the
+    """Kill (as an exception in the evaluator would) inside stage 0, I, II, III, IV and the
     proxy stage; each resumed run returns what the uninterrupted run returned."""
     from qra_search import evaluate, store as store_mod
     full = run_search(make_model(), tokens, 3.5, seed=4, cache_dir=str(tmp_path / "c0"),
@@ -126,11 +169,18 @@ def test_a_search_killed_in_each_stage_resumes_to_the_same_result(tokens, tmp_pa
              "sensitivity": (evaluate.Evaluator, "kl", 3),
              "exploration": (evaluate.Evaluator, "kl", 14),
              "refinement": (evaluate.Evaluator, "kl", None),
+             "descent": (evaluate.Evaluator, "kl", None),
              "proxy": (evaluate.Evaluator, "finetune", 1)}
-    n_kl_before_gp = 8 + full.evaluations["cheap"] - KW["refine_steps"]
+    stages = [json.loads(l).get("stage") for l in open(tmp_path / "full.jsonl")
+              if '"fidelity": "cheap"' in l]
+    n_gp, n_descent = stages.count("gp"), stages.count("descent")
+    assert n_gp >= 2 and n_descent >= 2  # each kill lands after the stage's first call
+    n_kl_before_gp = 8 + full.evaluations["cheap"] - n_gp - n_descent  # 8: stage I's passes
     for stage, (cls, meth, after) in cases.items():
-        if after is None:
+        if stage == "refinement":
             after = n_kl_before_gp + 1  # within the GP steps
+        elif stage == "descent":
+            after = n_kl_before_gp + n_gp + 1  # within the descent
         cache, arch = str(tmp_path / f"c-{stage}"), str(tmp_path / f"{stage}.jsonl")
         orig, calls = getattr(cls, meth), {"n": 0}
 
