@@ -10,8 +10,12 @@ For each budget B (bits, against uniform B-bit + rank ``--default-rank``):
    even topics), resumable (its archive lives in ``DIR``);
 2. **allocations at the same memory** (within [0.99·T, T] of the budget's bytes T):
    ``searched``; ``greedy`` (the search's own measured sensitivity, spent greedily:
-   :meth:`GeneSpace.greedy`); ``uniform`` (the uniform (bits, rank) closest to T from below);
-   ``random-0..2`` (seeded random genes, repaired and topped up into the band);
+   :meth:`GeneSpace.greedy` with ``fill``, the search's first seed) and ``greedy-r<r>``
+   (the same with every adapter at rank >= r); ``uniform`` (the uniform (bits, rank)
+   closest to T from below); ``random-0..2`` (seeded random genes, repaired and topped up
+   into the band). Also, below the band: ``uniform-<b>b-r<r>``, per bit-width the largest
+   rank that fits (the uniform choices a practitioner weighs; their ``of T`` column says how
+   much less memory they use). An extra variant equal to one listed before it is not repeated;
 3. **the same fine-tune for each** — ``--steps`` Adam steps of the adapters (svd-initialised,
    base frozen, cosine schedule) on a fine-tune text that is neither the calibration nor the
    evaluation text (``--finetune-corpus``, default the section-1 manual pages), one run per
@@ -73,6 +77,9 @@ def build_parser() -> Parser:
     p.add_argument("--granularity", choices=["block", "module"], default="block")
     p.add_argument("--evaluations", type=positive(int), default=20)
     p.add_argument("--refine-steps", type=int, default=4)
+    p.add_argument("--descent-rounds", type=int, default=2)
+    p.add_argument("--select", choices=["proxy-near-kl", "kl", "proxy"], default="proxy-near-kl")
+    p.add_argument("--kl-slack", type=float, default=2.0)
     p.add_argument("--proxy-top", type=int, default=1)
     p.add_argument("--proxy-steps", type=int, default=8)
     p.add_argument("--calib-blocks", type=positive(int), default=4)
@@ -115,33 +122,22 @@ def random_allocation(space, target: int, rng: random.Random):
 
 
 def greedy_allocation(space, target: int):
-    """The practitioner's greedy: the search's measured sensitivity spent greedily
-    (:meth:`GeneSpace.greedy`), then — since it stops when no move is *predicted* to help —
-    the rest of the budget spent the same way (best predicted gain per byte first, zero
-    gains included) until within 1% of ``target``."""
+    """The practitioner's greedy: the search's measured sensitivity spent greedily, then the
+    rest of the budget spent the same way (:meth:`GeneSpace.greedy` with ``fill``)."""
     from .genes import Budget
-    cfg = space.greedy(Budget(target, None))
-    while space.memory(cfg) < 0.99 * target:
-        best = None
-        mem = space.memory(cfg)
-        for g in space.names:
-            b, r = cfg[g]
-            i, j = space.bits.index(b), space.ranks.index(r)
-            for o in ((space.bits[i + 1], r) if i + 1 < len(space.bits) else None,
-                      (b, space.ranks[j + 1]) if j + 1 < len(space.ranks) else None):
-                if o is None:
-                    continue
-                extra = space._bytes[g][o] - space._bytes[g][cfg[g]]
-                if extra <= 0 or mem + extra > target:
-                    continue
-                gain = space._pred(g, cfg[g]) - space._pred(g, o)
-                score = (gain / extra, -extra)
-                if best is None or score > best[0]:
-                    best = (score, g, o)
-        if best is None:
-            break
-        cfg[best[1]] = best[2]
-    return cfg
+    return space.greedy(Budget(target, None), fill=True)
+
+
+def widest_uniforms(space, target: int) -> Dict[str, dict]:
+    """Per bit-width, the uniform allocation with the largest rank that fits ``target``:
+    the uniform choices a practitioner would weigh (``uniform`` alone, the closest from
+    below, may be 2-bit with a large adapter)."""
+    out = {}
+    for b in space.bits:
+        fits = [r for r in space.ranks if space.memory(space.uniform(b, r)) <= target]
+        if fits:
+            out[f"uniform-{b}b-r{max(fits)}"] = space.uniform(b, max(fits))
+    return out
 
 
 def closest_uniform(space, target: int):
@@ -218,8 +214,13 @@ def main(argv=None) -> int:
     os.makedirs(args.out, exist_ok=True)
     cache_dir = args.cache_dir or os.path.join(args.out, "cache")
     rows_path = os.path.join(args.out, "rows.jsonl")
-    done = {(r["budget"], r["variant"], r["seed"]) for r in _read_rows(rows_path)
-            if r.get("kind") == "finetune"}
+    # a row counts as done only for the allocation it measured: a search rerun with other
+    # settings (or other code) may change what "searched" is, and its old rows are stale
+    measured = _current_rows(_read_rows(rows_path), latest_only=False)
+    done = {(r["budget"], r["variant"], r["seed"], r["allocation_key"]) for r in measured}
+    # the same allocation fine-tuned with the same seed under another name: the fine-tune is
+    # deterministic, so its row is reused (marked) rather than run again
+    by_allocation = {(r["budget"], r["seed"], r["allocation_key"]): r for r in measured}
     only = None if args.only is None else {tuple(o.split(":")) for o in args.only}
 
     t0 = time.perf_counter()
@@ -247,7 +248,10 @@ def main(argv=None) -> int:
         config = SearchConfig(budget_bits=budget_bits, bits_choices=bits, rank_choices=ranks,
                               default_rank=args.default_rank, granularity=args.granularity,
                               method=args.method, evaluations=args.evaluations,
-                              refine_steps=args.refine_steps, proxy_top=args.proxy_top,
+                              refine_steps=args.refine_steps,
+                              descent_rounds=args.descent_rounds, select=args.select,
+                              kl_slack=args.kl_slack,
+                              proxy_top=args.proxy_top,
                               proxy_steps=args.proxy_steps, seq_len=args.seq_len,
                               n_blocks=args.calib_blocks, hessian_blocks=args.hessian_blocks)
         archive = os.path.join(args.out, f"archive-{key}.jsonl")
@@ -262,9 +266,26 @@ def main(argv=None) -> int:
             searched[group_of[n]] = (s["bits"], s["rank"])
         variants = {"searched": searched, "greedy": greedy_allocation(space, target),
                     "uniform": closest_uniform(space, target)}
+        # the same greedy keeping every adapter at rank >= r (the search's plasticity seeds)
+        for floor in sorted(r for r in ranks if 0 < r <= args.default_rank):
+            try:
+                variants[f"greedy-r{floor}"] = space.greedy(Budget(target, None), min_rank=floor,
+                                                            fill=True)
+            except ValueError:
+                pass
+        variants.update(widest_uniforms(space, target))
         for i in range(args.randoms):
             variants[f"random-{i}"] = random_allocation(space, target,
                                                         random.Random(1000 * i + 7))
+        # the extra greedy and uniform variants only where they are a new allocation
+        # (searched, greedy and uniform always run, also when two of them coincide)
+        unique, seen_keys = {}, set()
+        for v, c in variants.items():
+            extra = v.startswith(("greedy-r", "uniform-"))
+            if not (extra and space.key(c) in seen_keys):
+                unique[v] = c
+            seen_keys.add(space.key(c))
+        variants = unique
         _append(rows_path, {"kind": "search", "budget": key, "budget_bytes": target,
                             "search_seconds_all_runs": result.total_timings.get("total"),
                             "search_timings": result.total_timings,
@@ -279,9 +300,14 @@ def main(argv=None) -> int:
         for variant, cfg in variants.items():
             layers = space.layers(cfg)
             for seed in args.seeds:
-                if (key, variant, seed) in done:
+                if (key, variant, seed, space.key(cfg)) in done:
                     continue
                 if only is not None and (key, variant, seed) not in only:
+                    continue
+                same = by_allocation.get((key, seed, space.key(cfg)))
+                if same is not None:
+                    _append(rows_path, {**same, "variant": variant,
+                                        "copied_from": same["variant"]})
                     continue
                 t = time.perf_counter()
                 before = ev.loss(layers, held)
@@ -300,6 +326,7 @@ def main(argv=None) -> int:
                 ft_seconds = time.perf_counter() - t_ft
                 after, same_domain = losses["heldout"], losses["finetune_domain"]
                 row = {"kind": "finetune", "budget": key, "variant": variant, "seed": seed,
+                       "allocation_key": space.key(cfg),
                        "memory_bytes": space.memory(cfg),
                        "memory_ratio_to_budget": space.memory(cfg) / target,
                        "calib_kl": kl, "proxy_loss": proxy, "heldout_loss_before": before,
@@ -320,13 +347,42 @@ def main(argv=None) -> int:
     return 0
 
 
+def _allocation_key(config: Dict[str, list]) -> str:
+    return ";".join(f"{g}={b}/{r}" for g, (b, r) in sorted(config.items()))
+
+
+def _current_rows(rows: List[dict], latest_only: bool = True) -> List[dict]:
+    """The fine-tune rows, each with the ``allocation_key`` it measured (rows written before
+    the key was recorded take it from the search row that preceded them). With
+    ``latest_only``, only rows of the allocations the latest search row of their budget
+    names."""
+    last: Dict[str, dict] = {}
+    out = []
+    for r in rows:
+        if r.get("kind") == "search":
+            last[r["budget"]] = r
+        elif r.get("kind") == "finetune":
+            k = r.get("allocation_key")
+            if k is None:
+                a = last.get(r["budget"], {}).get("allocations", {}).get(r["variant"])
+                k = _allocation_key(a["config"]) if a else None
+            out.append({**r, "allocation_key": k})
+    if latest_only:
+        now = {(b, v): _allocation_key(a["config"]) for b, s in last.items()
+               for v, a in s.get("allocations", {}).items()}
+        out = [r for r in out if now.get((r["budget"], r["variant"])) == r["allocation_key"]]
+    return out
+
+
 def summarize(rows: List[dict]) -> Dict[str, dict]:
     """Per budget: mean ± spread (max − min over seeds) of the held-out loss after the
-    fine-tune per variant, the search's margins, rank correlations, and the cost ratio."""
+    fine-tune per variant, the search's margins, rank correlations, and the cost ratio.
+    Only rows of the allocations the latest search row names count (:func:`_current_rows`)."""
     out: Dict[str, dict] = {}
     searches = {r["budget"]: r for r in rows if r.get("kind") == "search"}
+    current = _current_rows(rows)
     for budget, srch in searches.items():
-        fts = [r for r in rows if r.get("kind") == "finetune" and r["budget"] == budget]
+        fts = [r for r in current if r["budget"] == budget]
         by_variant: Dict[str, List[dict]] = {}
         for r in fts:
             by_variant.setdefault(r["variant"], []).append(r)
@@ -370,10 +426,10 @@ def format_summary(summary: Dict[str, dict]) -> str:
                      f"{(e.get('search_seconds') or 0) / 60:.1f} min = "
                      f"{e.get('search_over_epoch', float('nan')):.2f} of a fine-tune epoch "
                      f"({e.get('finetune_epoch_seconds', float('nan')) / 60:.1f} min)")
-        lines.append(f"  {'allocation':<11}{'MiB':>8}{'of T':>7}{'KL':>8}{'proxy':>8}"
+        lines.append(f"  {'allocation':<15}{'MiB':>8}{'of T':>7}{'KL':>8}{'proxy':>8}"
                      f"{'before':>8}{'after (mean ± spread)':>24}{'seeds':>6}")
         for v, t in sorted(e["variants"].items(), key=lambda kv: kv[1]["heldout_loss_after_mean"]):
-            lines.append(f"  {v:<11}{t['memory_MiB']:>8.2f}{t['memory_ratio_to_budget']:>7.3f}"
+            lines.append(f"  {v:<15}{t['memory_MiB']:>8.2f}{t['memory_ratio_to_budget']:>7.3f}"
                          f"{t['calib_kl']:>8.3f}{t['proxy_loss']:>8.3f}"
                          f"{t['heldout_loss_before']:>8.3f}"
                          f"{t['heldout_loss_after_mean']:>15.4f} ± {t['heldout_loss_after_spread']:.4f}"

@@ -6,7 +6,8 @@ import random
 import pytest
 
 from qra_kernels.allocation import linear_shapes
-from qra_search.compare import closest_uniform, main, random_allocation, spearman
+from qra_search.compare import (closest_uniform, main, random_allocation, spearman,
+                                widest_uniforms)
 from qra_search.costs import CostModel
 from qra_search.evaluate import layer_groups
 from qra_search.genes import Budget, GeneSpace
@@ -28,6 +29,14 @@ def test_random_allocations_land_within_one_percent_of_the_budget(model):
     assert space.memory(u) == target
     from qra_search.compare import greedy_allocation
     assert 0.99 * target <= space.memory(greedy_allocation(space, target)) <= target
+    wide = widest_uniforms(space, target)
+    assert wide["uniform-4b-r8"] == space.uniform(4, 8)
+    assert "uniform-8b-r0" not in wide or space.memory(space.uniform(8, 0)) <= target
+    for name, cfg in wide.items():
+        b, r = cfg[space.names[0]]
+        assert space.memory(cfg) <= target and name == f"uniform-{b}b-r{r}"
+        wider = [x for x in space.ranks if x > r]
+        assert not wider or space.memory(space.uniform(b, wider[0])) > target
 
 
 def test_spearman():
@@ -50,13 +59,40 @@ def test_tiny_run_end_to_end_and_resume(tmp_path, make_model, make_tokenizer, ca
     assert main(argv) == 0
     rows = [json.loads(l) for l in open(out / "rows.jsonl")]
     fts = [r for r in rows if r["kind"] == "finetune"]
-    assert {r["variant"] for r in fts} == {"searched", "greedy", "uniform", "random-0"}
+    variants = {r["variant"] for r in fts}
+    base = {"searched", "greedy", "uniform", "random-0"}
+    assert variants >= base and all(v.startswith(("uniform-", "greedy-r"))
+                                    for v in variants - base)
+    assert "uniform-4b-r4" not in variants  # it is "uniform", the budget's own: not repeated
+    assert any(v.startswith("uniform-3b-") for v in variants)
+    keys = {}
+    for r in fts:
+        keys.setdefault(r["variant"], r["allocation_key"])
+    extra = [v for v in keys if v.startswith(("greedy-r", "uniform-"))]
+    assert len({keys[v] for v in extra} | {keys[v] for v in keys if v not in extra}) == \
+        len(extra) + len({keys[v] for v in keys if v not in extra})  # extras are new allocations
     assert all(0.99 <= r["memory_ratio_to_budget"] <= 1.0 for r in fts
-               if r["variant"] in ("greedy", "uniform", "random-0"))
+               if r["variant"] in ("greedy", "uniform", "random-0")
+               or r["variant"].startswith("greedy-r"))
+    assert all(r["memory_ratio_to_budget"] <= 1.0 for r in fts)
     summary = json.load(open(out / "summary.json"))["4"]
-    assert set(summary["variants"]) == {"searched", "greedy", "uniform", "random-0"}
+    assert set(summary["variants"]) == variants
     assert summary["finetune_epoch_seconds"] > 0 and "search_over_epoch" in summary
     # rerun: every fine-tune row is done, none is repeated
     assert main(argv) == 0
     again = [json.loads(l) for l in open(out / "rows.jsonl")]
     assert len([r for r in again if r["kind"] == "finetune"]) == len(fts)
+    # rows of an allocation the search no longer returns are stale: rerun, not counted
+    lines = [json.loads(l) for l in open(out / "rows.jsonl")]
+    first = next(r for r in lines if r["kind"] == "search")
+    g0 = sorted(first["allocations"]["searched"]["config"])[0]
+    b, rk = first["allocations"]["searched"]["config"][g0]
+    first["allocations"]["searched"]["config"][g0] = [8 if b != 8 else 2, rk]
+    for r in lines:
+        if r["kind"] == "finetune" and r["variant"] == "searched":
+            del r["allocation_key"]  # as rows written before the key was recorded
+    (out / "rows.jsonl").write_text("".join(json.dumps(r) + "\n" for r in lines))
+    assert main(argv) == 0
+    final = [r for r in map(json.loads, open(out / "rows.jsonl")) if r["kind"] == "finetune"]
+    n_searched = len([r for r in fts if r["variant"] == "searched"])
+    assert len(final) == len(fts) + n_searched  # only the stale rows were run again
