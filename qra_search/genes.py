@@ -150,8 +150,8 @@ class GeneSpace:
         since the additive model predicts nothing for what it cannot see (an adapter's
         capacity to learn, interactions); a move predicted to *hurt* (a profile noisier than
         its bit-widths' differences) is never taken — until within ``slack`` below the
-        budget or no move fits. Greedy stops where no move is *predicted* to help, often well below
-        the budget; a practitioner spends the memory they have."""
+        budget or no move fits. Greedy stops where no move is *predicted* to help, often
+        well below the budget; a practitioner spends the memory they have."""
         budget = budget or self.budget
         target = budget.memory_bytes
         cfg = dict(cfg)

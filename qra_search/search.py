@@ -235,9 +235,10 @@ def run_search(model, calibration, budget_bits=_UNSET, *, config: Optional[Searc
         # The greedy seed spends the whole budget (fill): greedy alone stops where no move
         # is predicted to help, and the allocation a practitioner would build from the same
         # profile (qra_search.compare's "greedy") is where the search must start, not below.
-        seeds = [space.greedy(fill=True)]
-        if space.key(space.greedy()) != space.key(seeds[0]):
-            seeds.append(space.greedy())
+        greedy = space.greedy()
+        seeds = [space.fill(greedy)]
+        if space.key(greedy) != space.key(seeds[0]):
+            seeds.append(greedy)
         # Plasticity seeds: the same greedy with every adapter at least r, for each rank choice
         # 0 < r <= default_rank, so the costly fidelity also sees allocations that keep
         # training capacity (the cheap KL values an adapter only at its initialisation).
