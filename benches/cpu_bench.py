@@ -89,7 +89,7 @@ def build(m, n, k, bits_list, paths, group):
     for bits in bits_list:
         qw = qk.quantize_weight(w, bits, group_size=group, method="rtn")
         for path in paths:
-            if path == "int8" and m > 64:
+            if (path == "int8" and m > 64) or (path == "torch" and m < 64):
                 continue
             impls[f"qra:{path}:{bits}b"] = (qra_impl(qw, bits, path, torch.bfloat16),
                                            xs[torch.bfloat16], qw.nbytes)
@@ -152,7 +152,7 @@ def summarize(times, impls):
     return out
 
 
-EXACT_PATHS = ("gemv", "gemm", "auto")
+EXACT_PATHS = ("gemv", "gemm", "torch", "auto")
 INT8_PATHS = ("int8", "auto+int8")
 
 
@@ -188,7 +188,7 @@ def main(argv=None):
     p.add_argument("--n", type=int, default=4096)
     p.add_argument("--k", type=int, default=4096)
     p.add_argument("--bits", default="2,3,4,8")
-    p.add_argument("--paths", default="gemv,int8,gemm,auto")
+    p.add_argument("--paths", default="gemv,int8,gemm,torch,auto")
     p.add_argument("--group", type=int, default=64)
     p.add_argument("--caches", default="hot,cold")
     p.add_argument("--rounds", type=int, default=0, help="0: by M (30 at M<=16, 7 at 256, 3 above)")

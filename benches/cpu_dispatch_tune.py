@@ -3,7 +3,7 @@
 
 For every build of the kernel this CPU runs (forced with ``QRA_CPU_ISA``), activation dtype
 (fp32, bf16), bit-width and number of rows M on a grid, it times each path — forward:
-``gemv``, ``gemm`` and ``int8``; backward dX: ``gemv``, ``gemm`` — on a few projection
+``gemv``, ``gemm``, ``torch`` and ``int8``; backward dX: ``gemv``, ``gemm``, ``torch`` — on a few projection
 shapes (operands hot, median of interleaved calls, 2 torch threads), and keeps for each M
 the path with the smallest geometric-mean time over the shapes. Rules are the resulting
 steps ``[[m_max, path], ..., [null, path]]`` for three policies: ``exact`` (float paths
@@ -71,8 +71,8 @@ def measure_isa(isa, reps, ms, small_max=SMALL_MAX):
                     x = torch.randn(m, k).to(dtype)
                     go = torch.randn(m, n).to(dtype)
                     row = {}
-                    for path in ("gemv", "int8", "gemm"):
-                        if path != "gemm" and m > small_max:
+                    for path in ("gemv", "int8", "gemm", "torch"):
+                        if path in ("gemv", "int8") and m > small_max:
                             continue
                         with cpu_backend.path(path):
                             row[f"fwd:{path}"] = _time(lambda: cpu.forward(x, *args, None), reps)
@@ -91,9 +91,9 @@ def rules_from(measured, isas, ms):
         rules[isa] = {}
         for dname in DTYPES:
             rules[isa][dname] = {}
-            for kind, keys in (("exact", ("fwd:gemv", "fwd:gemm")),
-                               ("int8", ("fwd:gemv", "fwd:gemm", "fwd:int8")),
-                               ("backward", ("bwd:gemv", "bwd:gemm"))):
+            for kind, keys in (("exact", ("fwd:gemv", "fwd:gemm", "fwd:torch")),
+                               ("int8", ("fwd:gemv", "fwd:gemm", "fwd:torch", "fwd:int8")),
+                               ("backward", ("bwd:gemv", "bwd:gemm", "bwd:torch"))):
                 rules[isa][dname][kind] = {}
                 for bits in BITS:
                     best = []

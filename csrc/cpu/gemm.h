@@ -472,6 +472,85 @@ static void small_product_packed(const PackedA& a, const BSrc& b, int64_t kr, in
   run_parallel(a.slivers, M * r * kr < (1 << 20) ? 1 : threads, body);
 }
 
+// ---- a dequantized panel for a GEMM library (the torch route) ----------------------------
+// out[(k − k0)·ldo + (n − n0)] = (code(k, n) − z)·s for k in [k0, k1), n in [n0, n1): the
+// layout of qweight (n contiguous), so each word vector gives L columns of 32/W rows of k.
+// Threads split the groups of [k0, k1). bf16 rounding is to nearest even, as torch's .to().
+static inline void store_lanes(void* out, int dtype, int64_t i, F v) {
+  if (dtype == kFloat32) {
+    storef(static_cast<float*>(out) + i, v);
+    return;
+  }
+  U u;
+  memcpy(&u, &v, sizeof u);
+  u = (u + 0x7FFFu + ((u >> 16u) & 1u)) >> 16u;
+  const u16xL h = __builtin_convertvector(u, u16xL);
+  memcpy(static_cast<uint16_t*>(out) + i, &h, sizeof h);
+}
+
+static inline void store_one(void* out, int dtype, int64_t i, float v) {
+  if (dtype == kFloat32) {
+    static_cast<float*>(out)[i] = v;
+    return;
+  }
+  uint32_t u;
+  memcpy(&u, &v, 4);
+  static_cast<uint16_t*>(out)[i] = (uint16_t)((u + 0x7FFFu + ((u >> 16) & 1u)) >> 16);
+}
+
+template <int B>
+static void dequantize_panel_bits(const DequantArgs& a, int threads) {
+  const int64_t N = a.N, Kp = a.Kp, gs = a.group_size;
+  const int64_t g0 = a.k0 / gs, g1 = a.k1 / gs;
+  const int64_t full = a.n0 + (a.n1 - a.n0) / L * L;  // vector columns end here
+  const int32_t* q = a.qweight;
+  auto body = [&](int64_t ga, int64_t gb) {
+    for (int64_t g = g0 + ga; g < g0 + gb; ++g) {
+      for (int64_t n = a.n0; n < full; n += L) {
+        const F s = LanesV::load_half(a.scales + g * N + n, a.scale_dtype);
+        const F zs = LanesV::load_half(a.zeros + g * N + n, a.scale_dtype) * s;
+        for (int64_t c = g * gs / 32; c < (g + 1) * gs / 32; ++c) {
+          const int64_t o = (c * 32 - a.k0) * a.ldo + (n - a.n0);
+          if constexpr (B == 8) {
+            for (int i = 0; i < 8; ++i) {
+              U w;
+              memcpy(&w, q + (c * 8 + i) * N + n, sizeof w);
+#pragma GCC unroll 4
+              for (int j = 0; j < 4; ++j) {
+                const F cf = __builtin_convertvector((i32xL)((w >> (unsigned)(8 * j)) & 255u), F);
+                store_lanes(a.out, a.out_dtype, o + (i * 4 + j) * a.ldo, cf * s - zs);
+              }
+            }
+          } else {
+            U w[4];  // B words (2 and 4 bits) or 3 (3-bit: two low-plane words, one high)
+            for (int i = 0; i < B && i < 4; ++i)
+              memcpy(&w[i], q + chunk_word_row<B>(i, c, Kp) * N + n, sizeof(U));
+#pragma GCC unroll 32
+            for (int k = 0; k < 32; ++k) {
+              U code;
+              if constexpr (B == 3)
+                code = ((w[k >> 4] >> (unsigned)(2 * (k & 15))) & 3u) |
+                       (((w[2] >> (unsigned)k) & 1u) << 2u);
+              else
+                code = (w[k / (32 / B)] >> (unsigned)(B * (k % (32 / B)))) & ((1u << B) - 1u);
+              const F cf = __builtin_convertvector((i32xL)code, F);
+              store_lanes(a.out, a.out_dtype, o + k * a.ldo, cf * s - zs);
+            }
+          }
+        }
+      }
+      for (int64_t n = full; n < a.n1; ++n) {  // columns past the last full vector
+        const float s = half_to_float(a.scales[g * N + n], a.scale_dtype);
+        const float zs = half_to_float(a.zeros[g * N + n], a.scale_dtype) * s;
+        for (int64_t k = g * gs; k < (g + 1) * gs; ++k)
+          store_one(a.out, a.out_dtype, (k - a.k0) * a.ldo + (n - a.n0),
+                    (float)code_at<B>(q, N, Kp, n, k) * s - zs);
+      }
+    }
+  };
+  run_parallel(g1 - g0, (g1 - g0) * (a.n1 - a.n0) < (1 << 16) ? 1 : threads, body);
+}
+
 }  // namespace gemm
 
 // ---- entry points of the GEMM path ---------------------------------------------------

@@ -137,68 +137,111 @@ static void quantize_x(const float* x, int64_t M, int64_t Kp, int gs, int8_t* x8
 // word are spread over J chains (as kChains does for the float GEMV).
 static constexpr int kChainsI8(int mt, int nv) { return mt * nv >= 8 ? 1 : 8 / (mt * nv); }
 
-// acc[c][i][v] += sum over word rows [r0, r1) of one plane: codes × x8 (weighted by MULT).
-template <int W, int MULT, int J, int MT, int NV>
-static inline void plane_dot_i8(const int32_t* plane, int64_t N, int64_t n0, int64_t r0,
-                                int64_t r1, const uint32_t* xq, int64_t ldq,
-                                i32xL (&acc)[J][MT][NV], i32xL (&acc16)[MT][NV]) {
+// One word row r of one plane: acc[chain][i][v] += codes × x8 (weighted by MULT). BASE is the
+// chain of the row's first extraction; it is a template argument, like every index into acc,
+// so the accumulators stay in registers. (An index computed from the runtime row, as in
+// `(r·T + t) % J`, made GCC keep acc on the stack: a load and a store around every
+// vpdpbusd, a store-forwarding round trip on each chain: seen in objdump -d of
+// group_block_i8<4, 1, 2> of the avx512bf16 build, 2026-12-02.)
+template <int W, int MULT, int J, int MT, int NV, int BASE>
+static inline void row_dot_i8(const int32_t* plane, int64_t N, int64_t n0, int64_t r,
+                              const uint32_t* xq, int64_t ldq, i32xL (&acc)[J][MT][NV],
+                              i32xL (&acc16)[MT][NV]) {
   constexpr int T = Ex<W>::T, L = QRA_CPU_LANES;
-  for (int64_t r = r0; r < r1; ++r) {
-    u32xL w[NV];
-    for (int v = 0; v < NV; ++v) memcpy(&w[v], plane + r * N + n0 + v * L, sizeof(u32xL));
-    if constexpr (W == 8 && kSplit8) {
-      // Nibbles: low into acc, high into acc16 (weighted by 16 at the end of the group).
-      for (int v = 0; v < NV; ++v) {
-        const u32xL lo = w[v] & 0x0F0F0F0Fu, hi = (w[v] >> 4u) & 0x0F0F0F0Fu;
-        for (int i = 0; i < MT; ++i) {
-          const uint32_t xd = xq[i * ldq + r];
-          acc[r % J][i][v] = dot4(acc[r % J][i][v], lo, xd);
-          acc16[i][v] = dot4(acc16[i][v], hi, xd);
-        }
+  u32xL w[NV];
+  for (int v = 0; v < NV; ++v) memcpy(&w[v], plane + r * N + n0 + v * L, sizeof(u32xL));
+  if constexpr (W == 8 && kSplit8) {
+    // Nibbles: low into acc, high into acc16 (weighted by 16 at the end of the group).
+    for (int v = 0; v < NV; ++v) {
+      const u32xL lo = w[v] & 0x0F0F0F0Fu, hi = (w[v] >> 4u) & 0x0F0F0F0Fu;
+      for (int i = 0; i < MT; ++i) {
+        const uint32_t xd = xq[i * ldq + r];
+        acc[BASE % J][i][v] = dot4(acc[BASE % J][i][v], lo, xd);
+        acc16[i][v] = dot4(acc16[i][v], hi, xd);
       }
-    } else {
+    }
+  } else {
 #pragma GCC unroll 8
-      for (int t = 0; t < T; ++t) {
-        u32xL e[NV];
-        for (int v = 0; v < NV; ++v) e[v] = extract<W, MULT>(w[v], t);
-        constexpr int JJ = J;
-        const int c = T >= JJ ? t % JJ : (int)((r * T + t) % JJ);
-        for (int i = 0; i < MT; ++i) {
-          const uint32_t xd = xq[(i * ldq + r) * T + t];
-          for (int v = 0; v < NV; ++v) acc[c][i][v] = dot4(acc[c][i][v], e[v], xd);
-        }
+    for (int t = 0; t < T; ++t) {
+      u32xL e[NV];
+      for (int v = 0; v < NV; ++v) e[v] = extract<W, MULT>(w[v], t);
+      const int c = (BASE + t) % J;  // t is a constant once unrolled
+      for (int i = 0; i < MT; ++i) {
+        const uint32_t xd = xq[(i * ldq + r) * T + t];
+        for (int v = 0; v < NV; ++v) acc[c][i][v] = dot4(acc[c][i][v], e[v], xd);
       }
     }
   }
 }
 
+// S consecutive rows starting at r, rows s = 0 .. S-1 taking chains from s·T on.
+template <int W, int MULT, int J, int MT, int NV, int S, int s = 0>
+static inline void rows_dot_i8(const int32_t* plane, int64_t N, int64_t n0, int64_t r,
+                               const uint32_t* xq, int64_t ldq, i32xL (&acc)[J][MT][NV],
+                               i32xL (&acc16)[MT][NV]) {
+  if constexpr (s < S) {
+    row_dot_i8<W, MULT, J, MT, NV, (s * Ex<W>::T) % J>(plane, N, n0, r + s, xq, ldq, acc,
+                                                        acc16);
+    rows_dot_i8<W, MULT, J, MT, NV, S, s + 1>(plane, N, n0, r, xq, ldq, acc, acc16);
+  }
+}
+
+// acc[c][i][v] += sum over word rows [r0, r1) of one plane: codes × x8 (weighted by MULT).
+// Rows are taken S at a time so that the J chains are all used with constant indices.
+template <int W, int MULT, int J, int MT, int NV>
+static inline void plane_dot_i8(const int32_t* plane, int64_t N, int64_t n0, int64_t r0,
+                                int64_t r1, const uint32_t* xq, int64_t ldq,
+                                i32xL (&acc)[J][MT][NV], i32xL (&acc16)[MT][NV]) {
+  constexpr int T = (W == 8 && kSplit8) ? 1 : Ex<W>::T;
+  constexpr int S = J > T ? J / T : 1;
+  int64_t r = r0;
+  for (; r + S <= r1; r += S) rows_dot_i8<W, MULT, J, MT, NV, S>(plane, N, n0, r, xq, ldq, acc, acc16);
+  for (; r < r1; ++r) row_dot_i8<W, MULT, J, MT, NV, 0>(plane, N, n0, r, xq, ldq, acc, acc16);
+}
+
+// What a call's blocks share, computed once (the divisions were per block before: an idiv
+// and ~40 instructions of set-up for every 8-row block at 4-bit, 4 at 2-bit).
+struct Ctx {
+  int64_t N, G, gs;
+  int64_t rows0, rows1;   // word rows per row of x, plane 0 and the 3-bit high plane
+  const int32_t* plane1;  // the 3-bit high plane
+};
+
+template <int B>
+static Ctx make_ctx(const GemvArgs& a) {
+  constexpr int W = Bits<B>::kWidth[0];
+  return Ctx{a.N, a.Kp / a.group_size, a.group_size, a.Kp / (32 / W), a.Kp / 32,
+             a.qweight + plane_row0<B>(1, a.Kp) * a.N};
+}
+
+// Group g of the reduction for rows [m0, m0+MT) of x and columns [n0, n0 + NV·L) of y:
+// y += s·d·(sum q·x8 − z·sum x8).
 template <int B, int MT, int NV>
-static void group_block_i8(const GemvArgs& a, const XQ& xq, int64_t g, int64_t n0, int64_t m0) {
+__attribute__((always_inline)) static inline void group_block_i8(const GemvArgs& a,
+                                                                 const Ctx& c, const XQ& xq,
+                                                                 int64_t g, int64_t n0,
+                                                                 int64_t m0) {
   constexpr int L = QRA_CPU_LANES;
-  const int64_t N = a.N, Kp = a.Kp, G = Kp / a.group_size;
-  const int gs = a.group_size;
+  constexpr int W = Bits<B>::kWidth[0], PW = 32 / W;
   constexpr int J = kChainsI8(MT, NV);
+  const int64_t N = c.N, G = c.G, gs = c.gs;
   i32xL acc[J][MT][NV], acc16[MT][NV];
   for (int i = 0; i < MT; ++i)
     for (int v = 0; v < NV; ++v) {
       acc16[i][v] = (i32xL){} + 0;
-      for (int c = 0; c < J; ++c) acc[c][i][v] = acc16[i][v];
+      for (int j = 0; j < J; ++j) acc[j][i][v] = acc16[i][v];
     }
-  const int64_t k0 = g * gs;
-  {
-    constexpr int W = Bits<B>::kWidth[0], PW = 32 / W;
-    const int64_t rows = Kp / PW;
-    plane_dot_i8<W, 1, J, MT, NV>(a.qweight, N, n0, k0 / PW, (k0 + gs) / PW,
-                                  xq.q[0] + m0 * rows * Ex<W>::T, rows, acc, acc16);
-  }
+  const int64_t rpg0 = gs / PW;  // word rows per group (gs is a multiple of 32)
+  plane_dot_i8<W, 1, J, MT, NV>(a.qweight, N, n0, g * rpg0, (g + 1) * rpg0,
+                                xq.q[0] + m0 * c.rows0 * Ex<W>::T, c.rows0, acc, acc16);
   if constexpr (B == 3) {
-    const int64_t rows = Kp / 32;
-    plane_dot_i8<1, 4, J, MT, NV>(a.qweight + plane_row0<3>(1, Kp) * N, N, n0, k0 / 32,
-                                  (k0 + gs) / 32, xq.q[1] + m0 * rows * 8, rows, acc, acc16);
+    const int64_t rpg1 = gs / 32;
+    plane_dot_i8<1, 4, J, MT, NV>(c.plane1, N, n0, g * rpg1, (g + 1) * rpg1,
+                                  xq.q[1] + m0 * c.rows1 * 8, c.rows1, acc, acc16);
   }
-  for (int c = 1; c < J; ++c)
+  for (int j = 1; j < J; ++j)
     for (int i = 0; i < MT; ++i)
-      for (int v = 0; v < NV; ++v) acc[0][i][v] += acc[c][i][v];
+      for (int v = 0; v < NV; ++v) acc[0][i][v] += acc[j][i][v];
   for (int v = 0; v < NV; ++v) {
     const f32xL s = LanesV::load_half(a.scales + g * N + n0 + v * L, a.scale_dtype);
     const f32xL z = LanesV::load_half(a.zeros + g * N + n0 + v * L, a.scale_dtype);
@@ -212,6 +255,22 @@ static void group_block_i8(const GemvArgs& a, const XQ& xq, int64_t g, int64_t n
       float* yp = a.y + m * N + n0 + v * L;
       LanesV::store(yp, LanesV::load(yp) + (s * d) * (qf - z * xs));
     }
+  }
+}
+
+// Group g for the column blocks [u0, u1) and every row of x: the loop the threads run.
+template <int B, int MT, int NV>
+static void group_strip_i8(const GemvArgs& a, const Ctx& c, const XQ& xq, int64_t g,
+                           int64_t u0, int64_t u1) {
+  constexpr int COLS = NV * QRA_CPU_LANES;
+  const int64_t M = a.M;
+  for (int64_t u = u0; u < u1; ++u) {
+    const int64_t n0 = u * COLS;
+    int64_t m0 = 0;
+    for (; m0 + MT <= M; m0 += MT) group_block_i8<B, MT, NV>(a, c, xq, g, n0, m0);
+    if constexpr (MT > 2)
+      for (; m0 + 2 <= M; m0 += 2) group_block_i8<B, 2, NV>(a, c, xq, g, n0, m0);
+    for (; m0 < M; ++m0) group_block_i8<B, 1, NV>(a, c, xq, g, n0, m0);
   }
 }
 
@@ -249,6 +308,7 @@ static void forward_bits_i8(const GemvArgs& a, int threads) {
   make_dwords<W0>(x8, M, Kp, q0);
   if (B == 3) make_dwords<1>(x8, M, Kp, q1);
   XQ xq{{q0, q1}, d_buf.p, xsum};
+  const Ctx ctx = make_ctx<B>(a);
   for (int64_t m = 0; m < M; ++m)
     for (int64_t r = 0; r < a.rank; ++r) xa[m * a.rank + r] = dot(a.x + m * Kp, a.lora_A + r * K, K);
 
@@ -264,14 +324,8 @@ static void forward_bits_i8(const GemvArgs& a, int threads) {
     const int64_t c0 = u0 * COLS, c1 = u1 * COLS < N ? u1 * COLS : N;
     for (int64_t m = 0; m < M; ++m)
       for (int64_t n = c0; n < c1; ++n) a.y[m * N + n] = 0.f;
-    for (int64_t g = 0; g < G; ++g)
-      for (int64_t u = u0; u < u1 && u < full; ++u) {
-        const int64_t n0 = u * COLS;
-        int64_t m0 = 0;
-        for (; m0 + MT <= M; m0 += MT) group_block_i8<B, MT, NV>(a, xq, g, n0, m0);
-        for (; m0 + 2 <= M; m0 += 2) group_block_i8<B, 2, NV>(a, xq, g, n0, m0);
-        for (; m0 < M; ++m0) group_block_i8<B, 1, NV>(a, xq, g, n0, m0);
-      }
+    const int64_t uf = u1 < full ? u1 : full;
+    for (int64_t g = 0; g < G; ++g) group_strip_i8<B, MT, NV>(a, ctx, xq, g, u0, uf);
     if (u1 > full)
       for (int64_t n = full * COLS; n < N; ++n) tail_column_i8<B>(a, x8, xq, n);
     if (a.rank > 0 || a.bias)

@@ -25,6 +25,7 @@
 #pragma once
 
 #include <stdint.h>
+#include <stdlib.h>
 #include <string.h>
 
 #if defined(__AVX2__) || defined(__AVX512F__)
@@ -686,6 +687,9 @@ static void by_bits(int bits, Args&&... args) {
 }
 template <int B> struct GemmForward { static void run(const ForwardArgs& a, int t) { gemm_forward_bits<B>(a, t); } };
 template <int B> struct GemmBackward { static void run(const BackwardArgs& a, int t) { gemm_backward_bits<B>(a, t); } };
+template <int B> struct DequantPanel { static void run(const DequantArgs& a, int t) { gemm::dequantize_panel_bits<B>(a, t); } };
+
+void dequantize_panel(const DequantArgs& a, int threads) { by_bits<DequantPanel>(a.bits, a, threads); }
 
 void forward(const ForwardArgs& a, int path, int threads) {
   if (path == kPathGemm) return by_bits<GemmForward>(a.bits, a, threads);

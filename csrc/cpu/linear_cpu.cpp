@@ -18,6 +18,7 @@ namespace cpu {
   namespace ns {                                                       \
   void forward(const ForwardArgs& a, int path, int threads);           \
   void backward_dx(const BackwardArgs& a, int path, int threads);      \
+  void dequantize_panel(const DequantArgs& a, int threads);            \
   }
 QRA_DECLARE_BUILD(generic)
 #if defined(QRA_HAVE_AVX2_BUILD)
@@ -134,6 +135,19 @@ void backward_dx(const BackwardArgs& a, int path, int threads) {
     case kAvx2: return avx2::backward_dx(a, path, threads);
 #endif
     default: return generic::backward_dx(a, path, threads);
+  }
+}
+
+void dequantize_panel(const DequantArgs& a, int threads) {
+  switch (detect_isa()) {
+#if defined(QRA_HAVE_AVX2_BUILD)
+    case kAvx512Bf16: return avx512bf16::dequantize_panel(a, threads);
+    case kAvx512Vnni: return avx512vnni::dequantize_panel(a, threads);
+    case kAvx512: return avx512::dequantize_panel(a, threads);
+    case kAvx2Vnni: return avx2vnni::dequantize_panel(a, threads);
+    case kAvx2: return avx2::dequantize_panel(a, threads);
+#endif
+    default: return generic::dequantize_panel(a, threads);
   }
 }
 

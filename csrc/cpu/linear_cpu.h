@@ -55,9 +55,27 @@ struct BackwardArgs {
   float* grad_x;           // [M, K] contiguous fp32
 };
 
+// A panel of dequant(W)ᵀ for a GEMM library: out[(k − k0)·ldo + (n − n0)] = (code − z)·s
+// for k in [k0, k1) (group aligned, k1 <= Kp) and n in [n0, n1), in bf16 (out_dtype
+// kBFloat16, round to nearest even) or fp32. The torch route of the large-M path
+// (qra_kernels/backends/cpu_backend.py) multiplies such panels with torch's GEMM.
+struct DequantArgs {
+  const int32_t* qweight;
+  const uint16_t* scales;
+  const uint16_t* zeros;
+  int scale_dtype;
+  int bits, group_size;
+  int64_t N, Kp;
+  int64_t k0, k1, n0, n1;
+  void* out;
+  int out_dtype;
+  int64_t ldo;
+};
+
 // Throw-free: the binding validates everything first. `path` must be one of Path.
 void forward(const ForwardArgs& a, int path, int threads);
 void backward_dx(const BackwardArgs& a, int path, int threads);
+void dequantize_panel(const DequantArgs& a, int threads);
 
 // "avx512bf16", "avx512vnni", "avx512", "avx2vnni", "avx2" or "generic": the build the
 // dispatcher uses on this CPU (QRA_CPU_ISA caps it, see linear_cpu.cpp).

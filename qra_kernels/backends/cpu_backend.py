@@ -13,6 +13,13 @@ Three paths compute the op (``csrc/cpu/linear_cpu.h``):
   allowed (:func:`set_path` ``int8=True`` or ``QRA_CPU_INT8=1``). Forward only.
 * ``gemm`` — panels of W dequantized to fp32 inside the kernel and multiplied by a blocked
   GEMM, LoRA as an extra K-slab; exact like ``gemv``. Prefill, training, backward dX.
+* ``torch`` — panels of W (``_PANEL`` columns, or rows for dX) dequantized by the kernel
+  into x's dtype (bf16, else fp32) and multiplied by torch's own GEMM (oneDNN), the LoRA
+  up-projection and bias as the ``addmm`` input of each panel. For bf16 x this is where the
+  CPU's bf16 dot product pays (``vdpbf16ps``: 2x the fp32 FMA rate); the price is W rounded
+  to bf16 before the product (as bitsandbytes and torch's int4 kernel do), an error of the
+  order of the bf16 rounding of y itself (bound tested in tests/.../test_cpu_backend.py).
+  With fp32 x it is exact up to summation order. Only a panel of W is ever dequantized.
 
 ``auto`` (the default) picks, per call, the fastest allowed path for (instruction set,
 activation dtype, bit-width, rows) from the measured table
@@ -37,7 +44,13 @@ from .. import _ext
 from ..validate import check_grad_out, check_packed_call
 from . import Backend, register_backend
 
-PATHS = ("auto", "gemv", "int8", "gemm")
+PATHS = ("auto", "gemv", "int8", "gemm", "torch")
+# Columns (forward) or reduction rows (dX) per dequantized panel of the torch path (a
+# multiple of every group size). Measured at M = 256 on 4096 x 4096, bf16, Zen 4: panels of
+# 128 / 256 / 1024 / 2048 took 30.9 / 29.8 / 26.1 / 27.3 ms forward (dense bf16 20.8 ms);
+# fewer, larger panels pay the dequantization's thread start-up and torch's per-call set-up
+# less often. K x 1024 bf16 is 8 MiB at K = 4096.
+_PANEL = 1024
 DISPATCH_PATH = Path(__file__).resolve().parent.parent / "configs" / "cpu_dispatch.json"
 
 # Used where the table has no entry for this machine's build (it lists every build the
@@ -128,7 +141,7 @@ def _check_table(table: dict, source: str) -> dict:
                     if not steps or steps[-1][0] is not None:
                         raise ValueError(f"{where} must end with [null, path]")
                     for m_max, p in steps:
-                        allowed = ("gemv", "gemm") if kind != "int8" else ("gemv", "gemm", "int8")
+                        allowed = ("gemv", "gemm", "torch") + (("int8",) if kind == "int8" else ())
                         if p not in allowed or not (m_max is None or isinstance(m_max, int)):
                             raise ValueError(f"{where}: bad step {[m_max, p]}")
     return table
@@ -156,6 +169,59 @@ def choose_path(m: int, bits: int, dtype: torch.dtype, backward: bool = False) -
         if m_max is None or m <= m_max:
             return p
     raise AssertionError("unreachable: a rule ends with [null, path]")
+
+
+def _torch_forward(x2, qweight, scales, zeros, bits, group_size, n_out, k, kp, lora_A,
+                   lora_B, rank, scaling, bias):
+    """The ``torch`` path's forward: ``y = x2 @ dequant(W).T (+ LoRA, bias)`` in panels of
+    ``_PANEL`` output columns."""
+    ext = _ext.extension()
+    dt = torch.bfloat16 if x2.dtype == torch.bfloat16 else torch.float32
+    xx = x2.to(dt).contiguous()
+    m = xx.shape[0]
+    y = torch.empty(m, n_out, dtype=dt)
+    xa = (xx.float() @ lora_A.float().t()).mul_(scaling).to(dt) if rank else None
+    buf = torch.empty(kp * min(_PANEL, n_out), dtype=dt)
+    q, s, z = qweight.contiguous(), scales.contiguous(), zeros.contiguous()
+    threads = torch.get_num_threads()
+    for n0 in range(0, n_out, _PANEL):
+        n1 = min(n0 + _PANEL, n_out)
+        w = n1 - n0
+        ext.cpu_dequantize_panel(_ext.data_ptr(q), _ext.data_ptr(s), _ext.data_ptr(z),
+                                 _ext.DTYPE_CODES[scales.dtype], bits, group_size, n_out, kp,
+                                 0, kp, n0, n1, _ext.data_ptr(buf), _ext.DTYPE_CODES[dt], w,
+                                 threads)
+        panel = buf[:kp * w].view(kp, w)[:k]
+        base = None
+        if xa is not None:
+            base = xa @ lora_B[n0:n1].to(dt).t()
+        if bias is not None:
+            b = bias[n0:n1].to(dt)
+            base = b if base is None else base.add_(b)
+        y[:, n0:n1] = torch.mm(xx, panel) if base is None else torch.addmm(base, xx, panel)
+    return y
+
+
+def _torch_backward_dx(g2, qweight, scales, zeros, bits, group_size, n_out, k, kp):
+    """The ``torch`` path's dX without LoRA: ``grad_x = g2 @ dequant(W)`` (fp32 [M, k]) in
+    panels of ``_PANEL`` reduction rows of W (a multiple of every group size)."""
+    ext = _ext.extension()
+    dt = torch.bfloat16 if g2.dtype == torch.bfloat16 else torch.float32
+    gg = g2.to(dt).contiguous()
+    gx = torch.empty(gg.shape[0], k, dtype=torch.float32)
+    buf = torch.empty(min(_PANEL, kp) * n_out, dtype=dt)
+    q, s, z = qweight.contiguous(), scales.contiguous(), zeros.contiguous()
+    threads = torch.get_num_threads()
+    for k0 in range(0, k, _PANEL):
+        k1 = min(k0 + _PANEL, kp)
+        ext.cpu_dequantize_panel(_ext.data_ptr(q), _ext.data_ptr(s), _ext.data_ptr(z),
+                                 _ext.DTYPE_CODES[scales.dtype], bits, group_size, n_out, kp,
+                                 k0, k1, 0, n_out, _ext.data_ptr(buf), _ext.DTYPE_CODES[dt],
+                                 n_out, threads)
+        kk = min(k1, k) - k0
+        panel = buf[:(k1 - k0) * n_out].view(k1 - k0, n_out)[:kk]
+        gx[:, k0:k0 + kk] = torch.mm(gg, panel.t())
+    return gx
 
 
 def _path_code(name: str) -> int:
@@ -191,7 +257,11 @@ class CpuBackend(Backend):
         x2 = _ext.rows_view(x, k)
         m = x2.shape[0]
         y = torch.empty(m, out_features, dtype=x.dtype)
-        if m:
+        chosen = choose_path(m, bits, x.dtype) if m else "gemm"
+        if m and chosen == "torch":
+            y = _torch_forward(x2, qweight, scales, zeros, bits, group_size, out_features, k,
+                               kp, lora_A, lora_B, rank, scaling, bias).to(x.dtype)
+        elif m:
             a = lora_A.to(torch.float32).contiguous() if rank else None
             b = lora_B.to(torch.float32).contiguous() if rank else None
             bias32 = bias.to(torch.float32).contiguous() if bias is not None else None
@@ -203,7 +273,7 @@ class CpuBackend(Backend):
                 _ext.data_ptr(s), _ext.data_ptr(z), _ext.DTYPE_CODES[scales.dtype], bits,
                 group_size, m, out_features, k, kp, _ext.data_ptr(a), _ext.data_ptr(b), rank,
                 float(scaling), _ext.data_ptr(bias32), _ext.data_ptr(y), code,
-                _path_code(choose_path(m, bits, x.dtype)), torch.get_num_threads())
+                _path_code(chosen), torch.get_num_threads())
         return y.reshape(*x.shape[:-1], out_features)
 
     def backward(self, grad_out, x, qweight, scales, zeros, bits, group_size, out_features,
@@ -218,8 +288,17 @@ class CpuBackend(Backend):
         with_lora = need_lora and lora_A is not None
         gb = torch.empty(m, rank, dtype=torch.float32) if with_lora and rank else None
         if need_x:
-            gx = torch.empty(m, k, dtype=torch.float32)
-            if m:
+            chosen = choose_path(m, bits, grad_out.dtype, backward=True) if m else "gemm"
+            if m and chosen == "torch":
+                gx = _torch_backward_dx(g2, qweight, scales, zeros, bits, group_size,
+                                        out_features, k, kp)
+                if rank:  # the adapter's term, as the kernel adds it (gb kept for grad_A)
+                    gbb = g2.to(torch.float32) @ lora_B.to(torch.float32)
+                    gx.add_(gbb @ lora_A.to(torch.float32), alpha=float(scaling))
+                    if gb is not None:
+                        gb = gbb
+            elif m:
+                gx = torch.empty(m, k, dtype=torch.float32)
                 a = lora_A.to(torch.float32).contiguous() if rank else None
                 b = lora_B.to(torch.float32).contiguous() if rank else None
                 q = qweight.contiguous()
@@ -229,10 +308,11 @@ class CpuBackend(Backend):
                     _ext.data_ptr(s), _ext.data_ptr(z), _ext.DTYPE_CODES[scales.dtype], bits,
                     group_size, m, out_features, k, kp, _ext.data_ptr(a), _ext.data_ptr(b),
                     rank, float(scaling), _ext.data_ptr(gb), _ext.data_ptr(gx),
-                    _path_code(choose_path(m, bits, grad_out.dtype, backward=True)),
-                    torch.get_num_threads())
-            elif gb is not None:
-                gb.zero_()
+                    _path_code(chosen), torch.get_num_threads())
+            else:
+                gx = torch.empty(m, k, dtype=torch.float32)
+                if gb is not None:
+                    gb.zero_()
             grad_x = gx.to(x.dtype).reshape(x.shape)
         elif gb is not None:
             gb = g2.to(torch.float32) @ lora_B.to(torch.float32)

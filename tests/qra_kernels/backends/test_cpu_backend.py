@@ -10,6 +10,8 @@ order, so fp32 results agree to 1e-4 of the largest output (2e-2 after a cast to
 The int8 path replaces x by its per-(row, group) int8 rounding; its error is bounded by
 sum_k |W[n, k]| · d[m, g(k)] / 2 (csrc/cpu/int8.h), which is checked element-wise, and it is
 exact (to fp32 tolerance) on activations that are already int8 multiples of d.
+The torch path (dequantized panels, torch's GEMM) is exact like the float paths with fp32 x;
+with bf16 x it rounds W to bf16 first, and its error is checked against that bound.
 """
 import json
 
@@ -88,6 +90,79 @@ def test_float_paths_match_reference(bits, n, k, g, rank, m, path, isa):
     want = ref.backward(go, x, *args, True, True)
     for gt, wt in zip(got, want):
         _close(gt, wt, torch.float32)
+
+
+@pytest.mark.parametrize("bits", BITS)
+@pytest.mark.parametrize("n,k,g,rank,m", SHAPES)
+def test_torch_path_matches_reference(bits, n, k, g, rank, m, isa):
+    """fp32 x: the panels are dequantized exactly, so forward, dX (with the adapter's term)
+    and the LoRA gradients agree with the reference to fp32 tolerance."""
+    cpu, ref = _backends()
+    x, qw, a, b, bias = _case(n, k, g, bits, rank, m)
+    args = (qw.qweight, qw.scales, qw.zeros, bits, g, n, a, b, 0.75)
+    with cpu_backend.path("torch"):
+        _close(cpu.forward(x, *args, bias), ref.forward(x, *args, bias), x.dtype)
+        go = torch.randn(m, n)
+        got = cpu.backward(go, x, *args, True, True)
+        got_no_lora = cpu.backward(go, x, *args, True, False)
+    want = ref.backward(go, x, *args, True, True)
+    for gt, wt in zip(got, want):
+        _close(gt, wt, torch.float32)
+    _close(got_no_lora[0], want[0], torch.float32)  # dX keeps the adapter's term
+
+
+@pytest.mark.parametrize("bits", BITS)
+@pytest.mark.parametrize("n,k,g,m", [(37, 100, 32, 3), (300, 576, 64, 20), (1030, 256, 128, 9)])
+def test_torch_path_bf16_within_its_bound(bits, n, k, g, m, isa):
+    """bf16 x: W is rounded to bf16 (half an ulp, 2^-9 relative) before the product, and y
+    is rounded to bf16 once, so |y − y_ref| <= 2^-9·(|x|·|W|ᵀ) + 2^-8·|y_ref| (+ fp32)."""
+    cpu, ref = _backends()
+    x, qw, _, _, _ = _case(n, k, g, bits, 0, m, x_dtype=torch.bfloat16)
+    args = (qw.qweight, qw.scales, qw.zeros, bits, g, n, None, None, 1.0, None)
+    with cpu_backend.path("torch"):
+        got = cpu.forward(x, *args)
+    assert got.dtype == torch.bfloat16
+    want = ref.forward(x.float(), *args).double()
+    w = dequantize(qw.qweight, qw.scales, qw.zeros, bits, g, (n, k)).double()
+    bound = 2.0 ** -9 * (x.double().abs() @ w.abs().t()) + 2.0 ** -8 * want.abs()
+    err = (got.double() - want).abs()
+    assert (err <= bound * (1 + 1e-3) + 1e-5).all(), f"max excess {(err - bound).max():.3g}"
+    # and dX the same way: W rounded once, the fp32 result rounded by nobody
+    go = torch.randn(m, n).bfloat16()
+    with cpu_backend.path("torch"):
+        gx = cpu.backward(go, x, *args[:-1], True, False)[0]
+    gwant = go.double() @ w
+    gbound = 2.0 ** -9 * (go.double().abs() @ w.abs()) + 2.0 ** -8 * gwant.abs()
+    assert ((gx.double() - gwant).abs() <= gbound * (1 + 1e-3) + 1e-5).all()
+
+
+@pytest.mark.parametrize("bits", BITS)
+def test_dequantize_panel_is_the_format_dequantization(bits, isa):
+    """The panel kernel of the torch path: fp32 panels equal format.dequantize (transposed)
+    on every sub-range, bf16 panels are its round-to-nearest-even, and bad ranges raise."""
+    ext = _ext.extension()
+    n, k, g = 83, 256, 64
+    qw = qk.quantize_weight(torch.randn(n, k), bits, group_size=g, method="rtn")
+    wt = dequantize(qw.qweight, qw.scales, qw.zeros, bits, g, (n, k)).t().contiguous()
+    code = _ext.DTYPE_CODES
+    ptrs = (qw.qweight.data_ptr(), qw.scales.data_ptr(), qw.zeros.data_ptr(),
+            code[qw.scales.dtype], bits, g, n, k)
+    for (k0, k1, n0, n1) in [(0, k, 0, n), (64, 192, 5, 70), (128, 256, 80, 83), (0, 64, 0, 0)]:
+        for dt in (torch.float32, torch.bfloat16):
+            out = torch.full((k1 - k0, n1 - n0 + 3), -7.0, dtype=dt)  # ldo > width
+            ext.cpu_dequantize_panel(*ptrs, k0, k1, n0, n1, out.data_ptr(), code[dt],
+                                     out.shape[1], 2)
+            assert torch.equal(out[:, :n1 - n0], wt[k0:k1, n0:n1].to(dt))
+            assert (out[:, n1 - n0:] == -7).all()  # nothing written past the panel
+    out = torch.empty(k * n)
+    for bad, match in [((1, 64, 0, n), "group-aligned"), ((0, k + 64, 0, n), "group-aligned"),
+                       ((0, 64, 0, n + 1), "within"), ((0, 64, 10, 5), "within")]:
+        with pytest.raises(ValueError, match=match):
+            ext.cpu_dequantize_panel(*ptrs, *bad, out.data_ptr(), code[torch.float32], n, 1)
+    with pytest.raises(ValueError, match="ldo"):
+        ext.cpu_dequantize_panel(*ptrs, 0, 64, 0, n, out.data_ptr(), code[torch.float32], 8, 1)
+    with pytest.raises(ValueError, match="out_dtype"):
+        ext.cpu_dequantize_panel(*ptrs, 0, 64, 0, n, out.data_ptr(), code[torch.float16], n, 1)
 
 
 def _int8_bound(x, qw, bits, g, n, k):
@@ -265,7 +340,7 @@ def test_auto_runs_every_row_count_here():
 def test_auto_follows_the_measured_table(tmp_path, monkeypatch):
     isa_now = _ext.extension().cpu_isa()
     table = {"rules": {isa_now: {
-        "float32": {"exact": {"4": [[3, "gemv"], [None, "gemm"]]},
+        "float32": {"exact": {"4": [[3, "gemv"], [100, "gemm"], [None, "torch"]]},
                     "int8": {"4": [[2, "int8"], [9, "gemv"], [None, "gemm"]]},
                     "backward": {"4": [[5, "gemv"], [None, "gemm"]]}}}}}
     path = tmp_path / "t.json"
@@ -273,6 +348,7 @@ def test_auto_follows_the_measured_table(tmp_path, monkeypatch):
     monkeypatch.setenv("QRA_CPU_DISPATCH", str(path))
     choose = cpu_backend.choose_path
     assert [choose(m, 4, torch.float32) for m in (1, 3, 4, 99)] == ["gemv"] * 2 + ["gemm"] * 2
+    assert choose(101, 4, torch.float32) == "torch"
     assert choose(5, 4, torch.float32, backward=True) == "gemv"
     assert choose(6, 4, torch.float32, backward=True) == "gemm"
     with cpu_backend.path("auto", int8=True):
