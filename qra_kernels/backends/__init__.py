@@ -111,7 +111,9 @@ def select_backend(x: torch.Tensor) -> Backend:
         return backend
     for candidate in AUTO_ORDER:
         backend = _REGISTRY.get(candidate)
-        if backend is not None and backend.available()[0] and backend.supports(x)[0]:
+        # supports() first: it only looks at x (device, dtype), while available() may probe
+        # packages and devices; on a CPU call the GPU backends are ruled out by x alone.
+        if backend is not None and backend.supports(x)[0] and backend.available()[0]:
             return backend
     raise BackendUnavailableError("no registered backend supports this call")  # unreachable
 

@@ -158,6 +158,45 @@ def test_linear_packed_matches_qra_linear():
     assert torch.equal(y1, y2)
 
 
+class _OpsSeen(torch.utils._python_dispatch.TorchDispatchMode):
+    """Records the ops that reach the dispatcher."""
+
+    def __init__(self):
+        super().__init__()
+        self.ops = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.ops.append(str(func))
+        return func(*args, **(kwargs or {}))
+
+
+def test_direct_cpu_call_is_the_op_bit_for_bit(monkeypatch):
+    """Inference on the CPU skips the dispatcher (ops._direct_call_ok) and returns the op's
+    result exactly; with autograd to record, a dispatch mode, or tracing, the op runs."""
+    from qra_kernels import ops
+    qw, x, a, b, bias = make_case(4, 7, 5)
+    args = (qw.qweight, qw.scales, qw.zeros, 4, 64, 48, a, b, 0.3, bias)
+    want = torch.ops.qra.linear(x, *args)
+    calls = []
+    real = torch.ops.qra.linear
+    monkeypatch.setattr(torch.ops.qra, "linear", lambda *c: calls.append(1) or real(*c))
+    with torch.no_grad():
+        assert torch.equal(linear_packed(x, *args), want)
+    assert torch.equal(linear_packed(x, *args), want)  # grad mode on, nothing requires grad
+    assert calls == []
+    xg = x.clone().requires_grad_()
+    y = linear_packed(xg, *args)
+    assert calls == [1] and y.grad_fn is not None and torch.equal(y.detach(), want)
+    ag = a.clone().requires_grad_()
+    assert linear_packed(x, *args[:6], ag, *args[7:]).grad_fn is not None and len(calls) == 2
+    monkeypatch.setattr(torch.ops.qra, "linear", real)
+    with _OpsSeen() as seen, torch.no_grad():  # a mode must see the op, not its insides
+        assert torch.equal(linear_packed(x, *args), want)
+    assert any("qra.linear" in op for op in seen.ops), seen.ops
+    assert ops._direct_call_ok(x, None, None, None)
+    assert not ops._direct_call_ok(x.to("meta"), None, None, None)
+
+
 def bad_cases():
     qw, x, a, b, bias = make_case(4, 4, 2)
     yield "qw", dict(qw=torch.zeros(3)), TypeError
