@@ -87,7 +87,9 @@ def build_parser() -> Parser:
                    help="with --method gptq: calibration blocks for its Hessians")
     p.add_argument("--randoms", type=int, default=3, help="random allocations per budget")
     p.add_argument("--only", type=str_list("--only"), default=None,
-                   help="run only these rows, as budget:variant:seed (e.g. 4.0:searched:0)")
+                   help="run only these rows, as budget:variant:seed (e.g. 4.0:searched:0); a "
+                   "budget or seed not in --budgets/--seeds is an error, a variant the search "
+                   "does not return a warning and exit status 1")
     p.add_argument("--threads", type=positive(int), default=2)
     p.add_argument("--cache-dir", default=None, help="default: DIR/cache")
     return p
@@ -198,8 +200,35 @@ def _fingerprint(blocks) -> str:
     return hashlib.sha1(blocks.numpy().tobytes()).hexdigest()[:12]
 
 
+def _parse_only(parser, args):
+    """``--only`` entries as the (budget key, variant, seed) the rows carry. The budget is
+    normalised as the harness writes it (``4.0`` -> ``4``), and a budget or seed that this run
+    does not have is an error before anything loads. Before this check, ``--only 4.0:...`` (the
+    help's own example) matched no row and fine-tuned nothing, silently."""
+    if args.only is None:
+        return None
+    keys = {f"{b:g}" for b in args.budgets}
+    only = set()
+    for entry in args.only:
+        parts = entry.split(":")
+        if len(parts) != 3 or not all(parts):
+            parser.error(f"--only entries are budget:variant:seed, got {entry!r}")
+        try:
+            budget = f"{float(parts[0]):g}"
+        except ValueError:
+            parser.error(f"--only {entry!r}: the budget {parts[0]!r} is not a number")
+        if budget not in keys:
+            parser.error(f"--only {entry!r}: budget {parts[0]} is not in --budgets")
+        if parts[2] not in args.seeds:
+            parser.error(f"--only {entry!r}: seed {parts[2]} is not in --seeds")
+        only.add((budget, parts[1], parts[2]))
+    return only
+
+
 def main(argv=None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    only = _parse_only(parser, args)
     import torch
     torch.set_num_threads(args.threads)
     from .config import SearchConfig
@@ -221,7 +250,6 @@ def main(argv=None) -> int:
     # the same allocation fine-tuned with the same seed under another name: the fine-tune is
     # deterministic, so its row is reused (marked) rather than run again
     by_allocation = {(r["budget"], r["seed"], r["allocation_key"]): r for r in measured}
-    only = None if args.only is None else {tuple(o.split(":")) for o in args.only}
 
     t0 = time.perf_counter()
     model, tok = load_model(args.model)
@@ -243,6 +271,7 @@ def main(argv=None) -> int:
     shapes = linear_shapes(model)
     costs = CostModel(shapes, 64)
     groups = layer_groups(list(shapes), args.granularity)
+    unmatched = 0  # --only rows naming a variant the search does not have
     for budget_bits in args.budgets:
         key = f"{budget_bits:g}"
         config = SearchConfig(budget_bits=budget_bits, bits_choices=bits, rank_choices=ranks,
@@ -286,6 +315,12 @@ def main(argv=None) -> int:
                 unique[v] = c
             seen_keys.add(space.key(c))
         variants = unique
+        for b, v, _ in sorted(only or ()):
+            if b == key and v not in variants:
+                print(f"qra compare: WARNING: --only names {v!r} at budget {key}, which this "
+                      f"search does not have (it has: {', '.join(variants)}); nothing is run "
+                      f"for it", file=sys.stderr)
+                unmatched += 1
         _append(rows_path, {"kind": "search", "budget": key, "budget_bytes": target,
                             "search_seconds_all_runs": result.total_timings.get("total"),
                             "search_timings": result.total_timings,
@@ -344,7 +379,7 @@ def main(argv=None) -> int:
         json.dump(summary, f, indent=1)
     print(format_summary(summary))
     print(f"total {time.perf_counter() - t0:.0f} s", file=sys.stderr)
-    return 0
+    return 1 if unmatched else 0
 
 
 def _allocation_key(config: Dict[str, list]) -> str:

@@ -39,6 +39,25 @@ def test_random_allocations_land_within_one_percent_of_the_budget(model):
         assert not wider or space.memory(space.uniform(b, wider[0])) > target
 
 
+def test_only_is_checked_before_anything_loads(capsys):
+    """--only names rows the way the rows carry them (4.0 -> "4"); what this run cannot have
+    is an error on one line with exit status 2 (the model is never loaded: it does not exist)."""
+    from qra_search.compare import _parse_only, build_parser
+    p = build_parser()
+    args = p.parse_args(["--out", "o", "--budgets", "4.0,3.5", "--seeds", "0,1",
+                         "--only", "4.0:searched:0,3.5:greedy:1,4:uniform:0"])
+    assert _parse_only(p, args) == {("4", "searched", "0"), ("3.5", "greedy", "1"),
+                                    ("4", "uniform", "0")}
+    for bad, said in [("3.0:searched:0", "not in --budgets"), ("4.0:searched:2", "not in --seeds"),
+                      ("4.0:searched", "budget:variant:seed"), ("x:searched:0", "not a number")]:
+        with pytest.raises(SystemExit) as e:
+            main(["--out", "o", "--model", "/nonexistent", "--budgets", "4.0", "--seeds", "0",
+                  "--only", bad])
+        assert e.value.code == 2
+        err = capsys.readouterr().err
+        assert said in err.splitlines()[-1]
+
+
 def test_spearman():
     assert spearman([1, 2, 3, 4], [10, 20, 30, 40]) == pytest.approx(1.0)
     assert spearman([1, 2, 3, 4], [4, 3, 2, 1]) == pytest.approx(-1.0)
@@ -94,5 +113,11 @@ def test_tiny_run_end_to_end_and_resume(tmp_path, make_model, make_tokenizer, ca
     (out / "rows.jsonl").write_text("".join(json.dumps(r) + "\n" for r in lines))
     assert main(argv) == 0
     final = [r for r in map(json.loads, open(out / "rows.jsonl")) if r["kind"] == "finetune"]
+    capsys.readouterr()
+    # a variant the search does not have: said, nothing run, exit status 1
+    assert main(argv + ["--only", "4.0:no-such-variant:0"]) == 1
+    assert "'no-such-variant' at budget 4" in capsys.readouterr().err
+    assert len([r for r in map(json.loads, open(out / "rows.jsonl"))
+                if r["kind"] == "finetune"]) == len(final)
     n_searched = len([r for r in fts if r["variant"] == "searched"])
     assert len(final) == len(fts) + n_searched  # only the stale rows were run again
