@@ -218,13 +218,7 @@ struct QuantForward {
             for (int i = 0; i < B && i < 4; ++i) memcpy(&w[i], rows[i] + v * L, sizeof(U));
 #pragma GCC unroll 32
             for (int k = 0; k < 32; ++k) {
-              U code;
-              if constexpr (B == 3)
-                code = ((w[k >> 4] >> (unsigned)(2 * (k & 15))) & 3u) |
-                       (((w[2] >> (unsigned)k) & 1u) << 2u);
-              else
-                code = (w[k / (32 / B)] >> (unsigned)(B * (k % (32 / B)))) & ((1u << B) - 1u);
-              const F cf = __builtin_convertvector((i32xL)code, F);
+              const F cf = __builtin_convertvector((i32xL)chunk_code<B, U>(w, k), F);
               storef(out + k * NR + v * L, cf * s[v] - zs[v]);
             }
           }
@@ -527,13 +521,7 @@ static void dequantize_panel_bits(const DequantArgs& a, int threads) {
               memcpy(&w[i], q + chunk_word_row<B>(i, c, Kp) * N + n, sizeof(U));
 #pragma GCC unroll 32
             for (int k = 0; k < 32; ++k) {
-              U code;
-              if constexpr (B == 3)
-                code = ((w[k >> 4] >> (unsigned)(2 * (k & 15))) & 3u) |
-                       (((w[2] >> (unsigned)k) & 1u) << 2u);
-              else
-                code = (w[k / (32 / B)] >> (unsigned)(B * (k % (32 / B)))) & ((1u << B) - 1u);
-              const F cf = __builtin_convertvector((i32xL)code, F);
+              const F cf = __builtin_convertvector((i32xL)chunk_code<B, U>(w, k), F);
               store_lanes(a.out, a.out_dtype, o + k * a.ldo, cf * s - zs);
             }
           }
