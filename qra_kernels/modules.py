@@ -308,7 +308,9 @@ def replace_module(model: nn.Module, name: str, module: nn.Module) -> None:
 
 # --- model-level quantization --------------------------------------------------------------
 # (name, module, bits) -> (QuantizedWeight, (B, A) factors or None): precomputed weights a
-# caller already holds (the search's cache), so the saved model is what was scored.
+# caller already holds (the search's cache), so the saved model is what was scored. For an
+# expert group (name "<experts module>.<projection>", module the experts module) it returns
+# (QuantizedExperts, None).
 WeightStore = Callable[[str, nn.Module, int], Tuple[QuantizedWeight, Optional[Tuple[torch.Tensor, torch.Tensor]]]]
 
 _DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
@@ -448,7 +450,7 @@ def quantize_model(model: nn.Module, allocation, *, method: Optional[str] = None
                                          dtype=w.dtype)
         replace_module(model, name, layer)
     quantize_planned_experts(model, expert_plan, group_size, method, scale_dtype=scale_dtype,
-                             pad=pad)
+                             pad=pad, store=store)
     _log_summary(model, before)
     return model
 

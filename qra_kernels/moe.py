@@ -53,7 +53,7 @@ logger = logging.getLogger("qra_kernels")
 # The projections an experts module may hold, in the order they run.
 PROJECTIONS = ("gate_up_proj", "up_proj", "down_proj")
 _FLAGS = ("has_gate", "has_bias", "is_transposed", "is_concatenated")
-_QUANTIZERS = ("rtn", "hqq")  # what experts can be quantized with (no calibration per expert)
+EXPERT_QUANTIZERS = ("rtn", "hqq")  # what experts can be quantized with (no calibration per expert)
 
 Bits = Union[int, Sequence[int]]
 
@@ -151,8 +151,8 @@ def quantize_experts(weight: torch.Tensor, bits: Bits, group_size: int = 64,
     n_experts = weight.shape[0]
     per_expert = _bits_list(bits, n_experts, "bits")
     methods = [method] * n_experts if isinstance(method, str) else list(method)
-    if len(methods) != n_experts or any(m not in _QUANTIZERS for m in methods):
-        raise ValueError(f"method must be one of {_QUANTIZERS} (or one per expert) for "
+    if len(methods) != n_experts or any(m not in EXPERT_QUANTIZERS for m in methods):
+        raise ValueError(f"method must be one of {EXPERT_QUANTIZERS} (or one per expert) for "
                          f"experts, got {method!r}")
     qws = [quantize_weight(weight[e], b, group_size, m, scale_dtype=scale_dtype, pad=pad)
            for e, (b, m) in enumerate(zip(per_expert, methods))]
@@ -166,11 +166,11 @@ def _expert_methods(bits: Sequence[int], method: str, where: str) -> List[str]:
     """The quantizer of each expert for ``method`` (``"recommended"`` per bit-width)."""
     from .quantizers import method_for_bits
     methods = [method_for_bits(b, method) for b in bits]
-    if any(m not in _QUANTIZERS for m in methods):
+    if any(m not in EXPERT_QUANTIZERS for m in methods):
         # GPTQ needs each expert's Hessian from the tokens routed to it: not measured yet.
         logger.warning("qra: %s quantized with 'hqq': method %r does not handle routed "
                        "experts yet", where, method)
-        methods = [m if m in _QUANTIZERS else "hqq" for m in methods]
+        methods = [m if m in EXPERT_QUANTIZERS else "hqq" for m in methods]
     return methods
 
 
@@ -308,21 +308,28 @@ class QRAExperts(nn.Module):
     def from_experts(cls, source: nn.Module, bits: Union[Bits, Mapping[str, Bits]],
                      group_size: int = 64, method: str = "hqq", *,
                      scale_dtype: torch.dtype = torch.float16, pad: bool = False,
-                     name: str = "experts") -> "QRAExperts":
+                     name: str = "experts",
+                     quantized: Optional[Mapping[str, QuantizedExperts]] = None
+                     ) -> "QRAExperts":
         """Quantize a float experts module (on its own device), expert by expert. ``bits``:
         one int, one per expert, or ``{projection: either}``; ``method``: ``"rtn"``,
-        ``"hqq"`` or ``"recommended"`` (per bit-width)."""
+        ``"hqq"`` or ``"recommended"`` (per bit-width). ``quantized``: projections already
+        quantized (e.g. the search's store entries), installed as they are."""
         shapes = _check_source(source, name)
         if not isinstance(bits, Mapping):
             bits = {p: bits for p in shapes}
         layer = cls(source, bits, group_size, scale_dtype=scale_dtype, device="meta")
+        quantized = dict(quantized or {})
         for p in shapes:
-            w = _dense(source, p)
-            if not bool(torch.isfinite(w).all()):
-                raise ValueError(f"the weights of {name}.{p} contain NaN or Inf")
-            methods = _expert_methods(layer.bits[p], method, f"{name}.{p}")
-            layer.set_quantized(p, quantize_experts(w, layer.bits[p], group_size, methods,
-                                                    scale_dtype=scale_dtype, pad=pad))
+            if p in quantized:
+                layer.set_quantized(p, quantized[p])
+            else:
+                w = _dense(source, p)
+                if not bool(torch.isfinite(w).all()):
+                    raise ValueError(f"the weights of {name}.{p} contain NaN or Inf")
+                methods = _expert_methods(layer.bits[p], method, f"{name}.{p}")
+                layer.set_quantized(p, quantize_experts(w, layer.bits[p], group_size, methods,
+                                                        scale_dtype=scale_dtype, pad=pad))
             if layer.has_bias:
                 b = source._parameters[f"{p}_bias"]
                 setattr(layer, f"{p}_bias", nn.Parameter(b.detach().clone(),
@@ -519,13 +526,27 @@ def plan_experts(model: nn.Module, layers: Mapping[str, Mapping], group_size: in
 
 def quantize_planned_experts(model: nn.Module, plan: Mapping[str, Mapping[str, List[int]]],
                              group_size: int, method: str, *,
-                             scale_dtype: torch.dtype = torch.float16, pad: bool = False) -> None:
-    """Replace each experts module of ``plan`` (from :func:`plan_experts`) by a QRAExperts."""
+                             scale_dtype: torch.dtype = torch.float16, pad: bool = False,
+                             store=None) -> None:
+    """Replace each experts module of ``plan`` (from :func:`plan_experts`) by a QRAExperts.
+    ``store`` (a :data:`qra_kernels.modules.WeightStore`, called with the expert group's
+    name, the experts module and the bits) supplies the packed projections whose experts
+    all have the same bits."""
     from .modules import replace_module
     modules = dict(model.named_modules())
     for module_name, bits in plan.items():
+        given = {}
+        if store is not None:
+            for p, per_expert in bits.items():
+                if len(set(per_expert)) == 1:
+                    qe, _ = store(f"{module_name}.{p}", modules[module_name], per_expert[0])
+                    if not isinstance(qe, QuantizedExperts):
+                        raise TypeError(f"store returned {type(qe).__name__} for expert group "
+                                        f"{module_name}.{p}, not QuantizedExperts")
+                    given[p] = qe
         layer = QRAExperts.from_experts(modules[module_name], bits, group_size, method,
-                                        scale_dtype=scale_dtype, pad=pad, name=module_name)
+                                        scale_dtype=scale_dtype, pad=pad, name=module_name,
+                                        quantized=given)
         replace_module(model, module_name, layer)
 
 

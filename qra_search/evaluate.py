@@ -91,7 +91,9 @@ class Evaluator:
         if calib.shape[1] < 2:
             raise ValueError(f"calibration blocks need >= 2 tokens, got {calib.shape[1]}")
         self.model, self.store = model, store
-        self.linears = linear_modules(model, store.shapes)
+        from .weights import weight_slots
+        self.slots = weight_slots(model, store.shapes)  # linear layers and expert groups
+        self.linears = {n: s.module for n, s in self.slots.items() if s.adaptable}
         self.calib = calib
         self.valid = valid if valid is not None else calib
         vocab = _vocab_size(model)
@@ -104,11 +106,12 @@ class Evaluator:
         self._block_of = {}
         if self._blocks is not None:
             ids = {id(b): i for i, b in enumerate(self._blocks[0])}
-            for n in self.linears:
+            mods = dict(model.named_modules())
+            for n in self.slots:
                 parts = n.split(".")
                 for j in range(len(parts), 0, -1):
-                    mod = model.get_submodule(".".join(parts[:j])) if j else model
-                    if id(mod) in ids:
+                    mod = mods.get(".".join(parts[:j]))  # an expert group names a parameter
+                    if mod is not None and id(mod) in ids:
                         self._block_of[n] = ids[id(mod)]
                         break
         # The float model's next-token log-probabilities on the calibration blocks. Stored
@@ -132,17 +135,18 @@ class Evaluator:
 
     # --- weights -------------------------------------------------------------------------
     def apply(self, config: Config) -> None:
-        """Set every linear's weight to the allocation's effective weight (float elsewhere)."""
-        unknown = set(config) - set(self.linears)
+        """Set every searched layer's weight to the allocation's effective weight (float
+        elsewhere)."""
+        unknown = set(config) - set(self.slots)
         if unknown:
-            raise ValueError(f"layer {sorted(unknown)[0]!r} is not a searched linear layer")
+            raise ValueError(f"layer {sorted(unknown)[0]!r} is not a searched layer")
         with torch.no_grad():
-            for n, m in self.linears.items():
+            for n, slot in self.slots.items():
                 want = tuple(config[n]) if n in config else None
                 if self._current.get(n) == want:
                     continue
                 w = self.floats.get(n) if want is None else self.store.effective_weight(n, *want)
-                m.weight.copy_(w.t() if is_conv1d(m) else w)
+                slot.set(w)
                 del w
                 if want is None:
                     self._current.pop(n, None)
@@ -340,6 +344,9 @@ class Evaluator:
         for n, (bits, rank) in config.items():
             if rank <= 0:
                 continue
+            if n not in self.linears:
+                raise ValueError(f"{n!r} is an expert group: it takes no LoRA yet (rank 0), got "
+                                 f"rank {rank}")
             e = self.store.get(n, bits)
             r = min(rank, e["B"].shape[1])
             B = nn.Parameter(e["B"][:, :r].clone())
@@ -348,7 +355,7 @@ class Evaluator:
             m = self.linears[n]
             with torch.no_grad():  # base = dequantized only; the adapter is added by the hook
                 dense = e["qw"].dequantize(torch.float32)
-                m.weight.copy_(dense.t() if is_conv1d(m) else dense)
+                self.slots[n].set(dense)
                 del dense
             self._current[n] = ("base", bits)
             hooks.append(m.register_forward_hook(_lora_hook(A, B)))

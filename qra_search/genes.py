@@ -3,6 +3,11 @@ budget-aware moves built on the sensitivity profile (repair, greedy, exchange, f
 
 Each group has two genes in ``[0, 1]``: one picks its bit-width, one its rank, by cutting
 ``[0, 1]`` into equal cells over the sorted choices (:meth:`GeneSpace.decode`).
+
+A group's rank applies to its layers that can carry an adapter: routed-expert groups (3-D
+shapes) take the group's bits and rank 0 (no LoRA on experts yet), so a decoder block of a
+MoE model is one gene whose rank adapts its attention (and shared-expert) projections. A
+group made only of expert groups has one rank, 0: its rank gene is ignored.
 """
 from __future__ import annotations
 
@@ -34,11 +39,16 @@ class GeneSpace:
         self.ranks = sorted(set(rank_choices))
         self.costs, self.budget, self.sens = costs, budget, sens
         self.options = [(b, r) for b in self.bits for r in self.ranks]
-        self._bytes = {g: {o: sum(costs.layer_bytes(n, *o) for n in ns) for o in self.options}
+        # Layers that take the group's rank (2-D); expert groups (3-D) keep rank 0.
+        self._adapts = {n: len(costs.shapes[n]) == 2 for ns in self.groups.values() for n in ns}
+        self._ranked = {g: any(self._adapts[n] for n in ns) for g, ns in self.groups.items()}
+        self._bytes = {g: {o: sum(costs.layer_bytes(n, *self._layer_option(n, o)) for n in ns)
+                           for o in self.options}
                        for g, ns in self.groups.items()}
         self._lat = None
         if costs.latency is not None:
-            self._lat = {g: {o: costs.latency_us({n: o for n in ns}) for o in self.options}
+            self._lat = {g: {o: costs.latency_us({n: self._layer_option(n, o) for n in ns})
+                             for o in self.options}
                          for g, ns in self.groups.items()}
 
     @property
@@ -73,12 +83,19 @@ class GeneSpace:
             x[2 * i + 1] = self.ranks.index(r) / max(1, len(self.ranks) - 1)
         return x
 
-    def layers(self, cfg: GroupConfig) -> Dict[str, Tuple[int, int]]:
-        return {n: tuple(cfg[g]) for g, ns in self.groups.items() for n in ns}
+    def _layer_option(self, name: str, option) -> Tuple[int, int]:
+        b, r = option
+        return (b, r) if self._adapts.get(name, True) else (b, 0)
 
-    @staticmethod
-    def key(cfg: GroupConfig) -> str:
-        return ";".join(f"{g}={b}/{r}" for g, (b, r) in sorted(cfg.items()))
+    def layers(self, cfg: GroupConfig) -> Dict[str, Tuple[int, int]]:
+        """Per layer (bits, rank): the group's, with rank 0 for expert groups."""
+        return {n: self._layer_option(n, cfg[g]) for g, ns in self.groups.items() for n in ns}
+
+    def key(self, cfg: GroupConfig) -> str:
+        """One key per distinct allocation: a group with no adaptable layer is keyed at rank 0
+        whatever its rank gene says."""
+        return ";".join(f"{g}={b}/{r if self._ranked.get(g, True) else 0}"
+                        for g, (b, r) in sorted(cfg.items()))
 
     # --- costs -------------------------------------------------------------------------------
     def memory(self, cfg: GroupConfig) -> int:

@@ -32,6 +32,8 @@ from qra_kernels._io import atomic_save
 from qra_kernels.format import QuantizedWeight
 from qra_kernels.lora_init import error_factors
 from qra_kernels.modules import dense_weight
+from qra_kernels.moe import EXPERT_QUANTIZERS
+from qra_kernels.moe import QuantizedExperts, quantize_experts
 from qra_kernels.quantizers import method_for_bits, quantize_weight
 
 # Factors kept per entry: at least this many, so `qra quantize` (any rank <= 64) and a
@@ -141,18 +143,24 @@ def _weight_hash(w: torch.Tensor) -> str:
 
 
 class FloatStore:
-    """The float ``[out, in]`` weights of ``modules`` as they are now."""
+    """The float weights of the searched layers as they are now: ``[out, in]`` for a linear
+    layer, ``[experts, out, in]`` for an expert group (``slots``: name → module, or name →
+    :class:`~qra_search.weights.WeightSlot`)."""
 
-    def __init__(self, modules: Mapping[str, nn.Module], cache_dir: Optional[str] = None):
-        self.names = list(modules)
+    def __init__(self, slots: Mapping[str, object], cache_dir: Optional[str] = None):
+        from .weights import WeightSlot
+        slots = {n: s if isinstance(s, WeightSlot) else _module_slot(n, s)
+                 for n, s in slots.items()}
+        self.names = list(slots)
         self.hashes: Dict[str, str] = {}
         self._ram: Dict[str, torch.Tensor] = {}
         self.path = None
-        def weight(m):
-            return dense_weight(m).to("cpu", torch.float32).contiguous()
 
-        for n, m in modules.items():
-            self.hashes[n] = _weight_hash(weight(m))
+        def weight(s):
+            return s.get().to("cpu", torch.float32).contiguous()
+
+        for n, s in slots.items():
+            self.hashes[n] = _weight_hash(weight(s))
         h = hashlib.sha1("".join(f"{n}={self.hashes[n]};" for n in self.names).encode())
         self.fingerprint = h.hexdigest()[:16]
         if cache_dir:
@@ -160,16 +168,21 @@ class FloatStore:
             os.makedirs(d, exist_ok=True)
             self.path = os.path.join(d, f"{self.fingerprint}.safetensors")
             if not os.path.exists(self.path):
-                _stream_save(self.path, [(n, torch.float32, tuple(dense_weight(m).shape),
-                                          lambda m=m: weight(m)) for n, m in modules.items()],
-                             {"format": "pt"})
+                _stream_save(self.path, [(n, torch.float32, s.shape, lambda s=s: weight(s))
+                                         for n, s in slots.items()], {"format": "pt"})
         else:
-            self._ram = {n: weight(m).clone() for n, m in modules.items()}
+            self._ram = {n: weight(s).clone() for n, s in slots.items()}
 
     def get(self, name: str) -> torch.Tensor:
         if self.path is None:
             return self._ram[name]
         return _Reader.get(self.path, name)
+
+
+def _module_slot(name: str, module: nn.Module):
+    from .weights import WeightSlot
+    dense_weight(module)  # raises TypeError for anything but nn.Linear / Conv1D
+    return WeightSlot(name, module, transposed=not isinstance(module, nn.Linear))
 
 
 class HessianStore:
@@ -213,7 +226,13 @@ class HessianStore:
 class QuantStore:
     """Packed weights and error factors per (layer, bits) for one set of quantizer
     settings. ``get(name, bits)`` returns ``{"qw": QuantizedWeight, "B", "A", "sv",
-    "err2"}``; ``B·A`` truncated to r is the best rank-r approximation of the error."""
+    "err2"}``; ``B·A`` truncated to r is the best rank-r approximation of the error.
+
+    An expert group (shape ``[experts, out, in]``) is quantized expert by expert exactly as
+    :class:`qra_kernels.moe.QRAExperts` quantizes it (:func:`qra_kernels.moe.quantize_experts`,
+    ``rtn``/``hqq``: where the method asks for GPTQ the experts take ``hqq``, as there); its
+    ``qw`` is a :class:`~qra_kernels.moe.QuantizedExperts`, it has no error factors (no
+    adapter on experts yet: ``B``/``A`` are empty, ``sv`` holds the error's Frobenius norm)."""
 
     def __init__(self, floats: FloatStore, shapes: Mapping[str, Tuple[int, int]],
                  group_size: int = 64, method: str = "recommended",
@@ -236,15 +255,25 @@ class QuantStore:
         self._consolidated: Dict[int, Optional[str]] = {}
 
     # --- keys and files ------------------------------------------------------------------
-    def settings_key(self, bits: int) -> str:
+    def is_experts(self, name: str) -> bool:
+        return len(self.shapes[name]) == 3
+
+    def layer_method(self, name: str, bits: int) -> str:
+        """The quantizer layer ``name`` gets at ``bits``."""
         m = method_for_bits(bits, self.method)
+        if self.is_experts(name) and m not in EXPERT_QUANTIZERS:
+            return "hqq"  # no per-expert Hessians yet; what QRAExperts.from_experts does
+        return m
+
+    def settings_key(self, bits: int, method: Optional[str] = None) -> str:
+        m = method or method_for_bits(bits, self.method)
         key = f"b{bits}-g{self.group_size}-{m}-{str(self.scale_dtype).removeprefix('torch.')}"
         if m == "gptq":
             key += f"-c{self.calibration_key}"
         return key
 
     def entry_key(self, name: str, bits: int) -> str:
-        return f"{self.floats.hashes[name]}-{self.settings_key(bits)}"
+        return f"{self.floats.hashes[name]}-{self.settings_key(bits, self.layer_method(name, bits))}"
 
     def _part_path(self, name: str, bits: int) -> Optional[str]:
         if self.dir is None:
@@ -276,16 +305,27 @@ class QuantStore:
                     continue
         return None
 
+    def _complete(self, name: str, e: Optional[dict]) -> bool:
+        if e is None:
+            return False
+        if self.is_experts(name):
+            return True
+        return e["B"].shape[1] >= min(self.factors, min(self.shapes[name]))
+
     def has(self, name: str, bits: int) -> bool:
-        e = self._read(name, bits)
-        return e is not None and e["B"].shape[1] >= min(self.factors, min(self.shapes[name]))
+        return self._complete(name, self._read(name, bits))
 
     def get(self, name: str, bits: int) -> dict:
         e = self._read(name, bits)
-        if e is None or e["B"].shape[1] < min(self.factors, min(self.shapes[name])):
+        if not self._complete(name, e):
             e = self._compute(name, bits)
-        n, k = self.shapes[name]
-        qw = QuantizedWeight(e["qweight"], e["scales"], e["zeros"], bits, self.group_size, (n, k))
+        if self.is_experts(name):
+            qw = QuantizedExperts(e["qweight"], e["scales"], e["zeros"],
+                                  [bits] * self.shapes[name][0], self.group_size,
+                                  self.shapes[name])
+        else:
+            qw = QuantizedWeight(e["qweight"], e["scales"], e["zeros"], bits, self.group_size,
+                                 self.shapes[name])
         sv = e["sv"]
         self._small[(name, bits)] = (sv, float((sv.double() ** 2).sum()))
         return {"qw": qw, "B": e["B"], "A": e["A"], "sv": sv,
@@ -298,17 +338,24 @@ class QuantStore:
         return self._small[(name, bits)]
 
     def recovered_fraction(self, name: str, bits: int, rank: int) -> float:
-        """Share of ‖W − Wq‖² that the rank-``rank`` initial adapter removes."""
+        """Share of ‖W − Wq‖² that the rank-``rank`` initial adapter removes (none for an
+        expert group, which takes no adapter)."""
         sv, err2 = self.spectrum(name, bits)
-        if rank <= 0 or err2 <= 0:
+        if rank <= 0 or err2 <= 0 or self.is_experts(name):
             return 0.0
         return float((sv[:rank].double() ** 2).sum()) / err2
 
     def effective_weight(self, name: str, bits: int, rank: int) -> torch.Tensor:
         """``dequant(Wq) + B[:, :r]·A[:r]`` fp32 ``[out, in]`` — what ``QRALinear`` with the
-        svd-initialised adapter computes."""
+        svd-initialised adapter computes (``[experts, out, in]``, rank 0, for an expert
+        group: what ``QRAExperts`` computes)."""
         e = self.get(name, bits)
         dense = e["qw"].dequantize(torch.float32)
+        if self.is_experts(name):
+            if rank:
+                raise ValueError(f"{name!r} is an expert group: it takes no LoRA yet (rank 0), "
+                                 f"got rank {rank}")
+            return dense
         if rank <= 0:
             return dense
         r = min(rank, e["B"].shape[1])
@@ -317,12 +364,18 @@ class QuantStore:
     # --- computing ------------------------------------------------------------------------
     def _compute(self, name: str, bits: int) -> Dict[str, torch.Tensor]:
         w = self.floats.get(name)
-        m = method_for_bits(bits, self.method)
-        pad = w.shape[1] % self.group_size != 0
-        extra = {"hessian": self.hessian(name)} if m == "gptq" else {}
-        qw = quantize_weight(w, bits, self.group_size, m, scale_dtype=self.scale_dtype,
-                             pad=pad, **extra)
-        B, A, sv = error_factors(w, qw.dequantize(torch.float32), self.factors)
+        m = self.layer_method(name, bits)
+        pad = w.shape[-1] % self.group_size != 0
+        if self.is_experts(name):
+            qw = quantize_experts(w, bits, self.group_size, m, scale_dtype=self.scale_dtype,
+                                  pad=pad)
+            err = (w - qw.dequantize(torch.float32)).double().norm().float()
+            B, A, sv = w.new_zeros(w.shape[1], 0), w.new_zeros(0, w.shape[2]), err.reshape(1)
+        else:
+            extra = {"hessian": self.hessian(name)} if m == "gptq" else {}
+            qw = quantize_weight(w, bits, self.group_size, m, scale_dtype=self.scale_dtype,
+                                 pad=pad, **extra)
+            B, A, sv = error_factors(w, qw.dequantize(torch.float32), self.factors)
         e = {"qweight": qw.qweight, "scales": qw.scales, "zeros": qw.zeros, "B": B, "A": A,
              "sv": sv}
         path = self._part_path(name, bits)
@@ -394,20 +447,19 @@ def quant_store(model: nn.Module, names: Iterable[str], *, group_size: int, meth
     """The one way to build a :class:`QuantStore` (module docstring). A method that uses
     GPTQ at any bit-width needs ``hessian_tokens`` (calibration token ids); its Hessians are
     measured here, on the model as it is now (float)."""
+    from .weights import weight_slots
     names = list(names)
-    mods = dict(model.named_modules())
-    missing = [n for n in names if n not in mods]
-    if missing:
-        raise ValueError(f"layer {missing[0]!r} is not a module of the model")
+    slots = weight_slots(model, names)
     if floats is None:
-        floats = FloatStore({n: mods[n] for n in names}, cache_dir)
-    shapes = {n: tuple(dense_weight(mods[n]).shape) for n in names}
+        floats = FloatStore(slots, cache_dir)
+    shapes = {n: s.shape for n, s in slots.items()}
     hessian = key = None
+    linear = [n for n in names if len(shapes[n]) == 2]  # expert groups take no Hessian
     if any(method_for_bits(b, method) == "gptq" for b in (2, 3, 4, 8)):
         if hessian_tokens is None:
             raise ValueError("method 'gptq' needs calibration tokens for its Hessians "
                              "(hessian_tokens=)")
-        hessian = HessianStore(model, names, hessian_tokens, floats, cache_dir, progress)
+        hessian = HessianStore(model, linear, hessian_tokens, floats, cache_dir, progress)
         key = hessian.key
     return QuantStore(floats, shapes, group_size, method, cache_dir, max_rank,
                       hessian=hessian, calibration_key=key)
@@ -416,9 +468,11 @@ def quant_store(model: nn.Module, names: Iterable[str], *, group_size: int, meth
 def allocation_store(store: QuantStore):
     """The :data:`qra_kernels.modules.WeightStore` view of a :class:`QuantStore`, for
     ``quantize_model(..., store=...)``: each layer gets the packed weight and error factors
-    the search scored."""
+    the search scored (an expert group: its ``QuantizedExperts``, no factors)."""
     def get(name: str, module: nn.Module, bits: int):
         e = store.get(name, bits)
+        if store.is_experts(name):
+            return e["qw"], None
         return e["qw"], (e["B"], e["A"])
     return get
 

@@ -110,12 +110,3 @@ def test_expert_groups_cost_what_qra_experts_store():
         assert costs.uniform_bytes(4, rank) == costs.memory_bytes(uni)
     with pytest.raises(ValueError, match="expert group.*no LoRA"):
         costs.layer_bytes(groups[0], 4, 8)
-
-
-def test_search_refuses_expert_groups_by_name():
-    import torch
-    from qra_search.search import run_search
-    model = _tiny_mixtral()
-    tokens = torch.randint(0, 128, (8, 16), generator=torch.Generator().manual_seed(0))
-    with pytest.raises(ValueError, match="routed-expert groups.*experts.gate_up_proj"):
-        run_search(model, tokens, 4.0)
