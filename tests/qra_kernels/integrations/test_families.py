@@ -131,11 +131,14 @@ def float_checkpoints(tmp_path_factory):
 
 
 # Relative error of the outputs allowed at 8 bits. Rounding a random Gaussian matrix to 8-bit
-# groups of 32 leaves ~0.45% relative noise per matrix. Gemma-3 normalises every attention
-# and MLP branch output (its post-norms), so each of its 14 matrices' noise reaches the
-# logits at full scale: 1.12% measured (hqq; 1.33% rtn, group 32), against 0.47-0.6% for
-# Llama, Qwen3-MoE, OPT. The bound is loosened for it alone, not for everyone. At 4 bits the
-# rounding step is (2⁸-1)/(2⁴-1) = 17 times wider, and so is the bound.
+# groups of 32 leaves ~0.43% relative noise per matrix whatever the data-free quantizer (rtn
+# 0.46%, hqq and a least-squares refit of scale and zero 0.43%: the min-max range of 32
+# samples is already tight). Gemma-3 normalises every attention and MLP branch output (its
+# post-norms), so each of its 14 matrices' noise reaches the logits at full scale or more
+# (layer 0's v_proj alone: 0.42% of the weight, 0.49% of the logits): 1.09-1.24% over three
+# random models with hqq, against 0.47-0.6% for Llama, Qwen3-MoE, OPT. Data-free, the bound
+# is loosened for it alone; the calibrated quantizer meets 1e-2 (test_gemma3_8bit_calibrated).
+# At 4 bits the rounding step is (2⁸-1)/(2⁴-1) = 17 times wider, and so is the bound.
 ERR_8BIT = {"gemma3": 1.5e-2}
 
 
@@ -204,3 +207,20 @@ def test_quantize_model(family, bits, float_checkpoints, tmp_path):
     qk.quantize_model(model, qk.Allocation.uniform(model, bits, group_size=GROUP))
     check_quantized(model, family, ref, bits)
     check_reload(model, family, tmp_path)
+
+
+@pytest.mark.parametrize("seed", (0, 1, 2))
+def test_gemma3_8bit_calibrated(seed, tmp_path):
+    """Gemma-3 at 8 bits within 1e-2 of float with GPTQ (its Hessians from random token
+    blocks, not the evaluation's), on three random models; through QraConfig, and reloaded."""
+    model = build("gemma3", seed)
+    ref = output(model, "gemma3")
+    model.save_pretrained(tmp_path / "float")
+    calib = torch.randint(3, 128, (64, 32), generator=torch.Generator().manual_seed(7))
+    q = auto_class("gemma3").from_pretrained(
+        tmp_path / "float", quantization_config=qk.QraConfig(
+            bits=8, group_size=GROUP, method="gptq", calibration=calib)).eval()
+    assert coverage(q) >= 0.95
+    err = rel_err(output(q, "gemma3"), ref)
+    assert err < 1e-2, err
+    check_reload(q, "gemma3", tmp_path)

@@ -570,3 +570,42 @@ def test_real_gguf_converts_bit_for_bit(which, tmp_path):
     assert_same_config(ours, ref)
     text = "The capital of France is Paris. def f(x):\n    return x ** 2  # ünïcødé"
     assert_same_tokenizer(ours_tok, ref_tok, text)
+
+
+@pytest.mark.slow
+def test_real_gemma3_through_qraconfig_and_peft():
+    """Real Gemma-3-270M on the GGUF route with ``QraConfig(bits=8)``: every projection
+    packed, held-out perplexity within 2% of float (documentation text the quantizer never
+    saw), and one PEFT LoRA step that moves the adapters and nothing else."""
+    from peft import get_peft_model
+
+    from qra_kernels import QRALinear, QraConfig
+    from qra_kernels.integrations.peft import lora_config
+    from qra_kernels.text import calibration_and_heldout
+    from qra_search.models import perplexity
+    path = _gemma_path()
+    torch.set_num_threads(2)
+    model, tok, _ = qg.load_gguf(path, progress=False)
+    _, held = calibration_and_heldout(tok, 128, 1, 4)
+    with torch.no_grad():
+        ppl_float = perplexity(model.eval(), held, 2)
+    del model
+    model, _, _ = qg.load_gguf(path, progress=False,
+                               quantization_config=QraConfig(bits=8, group_size=64))
+    layers = [m for m in model.modules() if isinstance(m, QRALinear)]
+    assert len(layers) == 126  # 18 blocks x 7 projections; the tied head stays float
+    with torch.no_grad():
+        ppl = perplexity(model.eval(), held, 2)
+    assert abs(ppl / ppl_float - 1) < 0.02, (ppl, ppl_float)
+    pm = get_peft_model(model, lora_config(model, r=8, lora_alpha=16))
+    frozen = {n: t.detach().clone() for n, t in pm.state_dict().items() if "lora_" not in n}
+    opt = torch.optim.AdamW([p for p in pm.parameters() if p.requires_grad], lr=1e-3)
+    pm.train()
+    ids = held[:2, :64]
+    loss = pm(input_ids=ids, labels=ids).loss
+    loss.backward()
+    opt.step()
+    assert torch.isfinite(loss)
+    after = pm.state_dict()
+    assert all(torch.equal(frozen[n], after[n]) for n in frozen)
+    assert any(t.abs().sum() > 0 for n, t in after.items() if "lora_B" in n)
