@@ -107,13 +107,7 @@ def random_allocation(space, target: int, rng: random.Random):
         if space.memory(cfg) >= 0.99 * target:
             break
         g = rng.choice(space.names)
-        b, r = cfg[g]
-        moves = []
-        i, j = space.bits.index(b), space.ranks.index(r)
-        if i + 1 < len(space.bits):
-            moves.append((space.bits[i + 1], r))
-        if j + 1 < len(space.ranks):
-            moves.append((b, space.ranks[j + 1]))
+        moves = space.neighbours(g, cfg[g], down=False)
         if not moves:
             continue
         trial = dict(cfg)

@@ -30,18 +30,9 @@ Move = Tuple[str, Tuple[int, int]]  # (group, new (bits, rank))
 
 
 def one_level_moves(space: GeneSpace, cfg: GroupConfig) -> List[Move]:
-    """Every change of one group's bits or rank by one choice, up or down."""
-    moves = []
-    for g in space.names:
-        b, r = cfg[g]
-        i, j = space.bits.index(b), space.ranks.index(r)
-        for k in (i - 1, i + 1):
-            if 0 <= k < len(space.bits):
-                moves.append((g, (space.bits[k], r)))
-        for k in (j - 1, j + 1):
-            if 0 <= k < len(space.ranks):
-                moves.append((g, (b, space.ranks[k])))
-    return moves
+    """Every change of one group's bits or rank by one choice, up or down
+    (:meth:`GeneSpace.neighbours`)."""
+    return [(g, o) for g in space.names for o in space.neighbours(g, cfg[g])]
 
 
 def exchanges(space: GeneSpace, cfg: GroupConfig, delta: Dict[Move, float]) -> List[List[Move]]:

@@ -120,6 +120,19 @@ class GeneSpace:
     def uniform(self, bits: int, rank: int) -> GroupConfig:
         return {g: (bits, rank) for g in self.names}
 
+    def neighbours(self, g: str, option, up: bool = True, down: bool = True):
+        """The options one level from ``option`` for group ``g``: its bits one choice down
+        or up (rank kept), then its rank one choice down or up (bits kept) — the one-level
+        moves that fill, the measured descent and the harness's random top-up all take. A
+        group with no adaptable layer has no rank moves."""
+        b, r = option
+        i, j = self.bits.index(b), self.ranks.index(r)
+        steps = [s for s, ok in ((-1, down), (1, up)) if ok]
+        out = [(self.bits[i + s], r) for s in steps if 0 <= i + s < len(self.bits)]
+        if self._ranked.get(g, True):
+            out += [(b, self.ranks[j + s]) for s in steps if 0 <= j + s < len(self.ranks)]
+        return out
+
     def _pred(self, g: str, o) -> float:
         return self.sens.predicted(g, *o) if self.sens is not None else 0.0
 
@@ -178,12 +191,7 @@ class GeneSpace:
             best = None
             mem = self.memory(cfg)
             for g in self.names:
-                b, r = cfg[g]
-                i, j = self.bits.index(b), self.ranks.index(r)
-                for o in ((self.bits[i + 1], r) if i + 1 < len(self.bits) else None,
-                          (b, self.ranks[j + 1]) if j + 1 < len(self.ranks) else None):
-                    if o is None:
-                        continue
+                for o in self.neighbours(g, cfg[g], down=False):
                     extra = self._bytes[g][o] - self._bytes[g][cfg[g]]
                     if extra <= 0 or mem + extra > target:
                         continue

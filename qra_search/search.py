@@ -48,7 +48,7 @@ from .archive import Archive, pareto_front
 from .config import SearchConfig
 from .costs import CostModel, LatencyTable
 from .descent import descend
-from .evaluate import Evaluator, layer_groups, linear_modules, method_for
+from .evaluate import Evaluator, layer_groups, method_for
 from .evolution import explore
 from .genes import Budget, GeneSpace
 from .refinement import refine

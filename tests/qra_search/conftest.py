@@ -55,3 +55,19 @@ def make_model():
 @pytest.fixture
 def make_tokenizer():
     return tiny_tokenizer
+
+
+@pytest.fixture
+def tiny_search(model, tokens, tmp_path):
+    """(evaluator, block groups, cost model, cache dir) of the tiny Llama, rtn, group 64:
+    what the stage tests and the descent tests build their gene spaces on."""
+    from qra_kernels.allocation import linear_shapes
+    from qra_search.costs import CostModel
+    from qra_search.evaluate import Evaluator, layer_groups, linear_modules
+    from qra_search.store import quant_store
+    lin = linear_modules(model)
+    store = quant_store(model, lin, group_size=64, method="rtn", cache_dir=str(tmp_path))
+    ev = Evaluator(model, store, tokens[:3], tokens[3:])
+    groups = layer_groups(list(lin), "block")
+    costs = CostModel(linear_shapes(model), 64)
+    return ev, groups, costs, tmp_path

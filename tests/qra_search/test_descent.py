@@ -2,13 +2,11 @@
 and on a tiny model's real KL."""
 import pytest
 
-from qra_kernels.allocation import linear_shapes
 from qra_search.costs import CostModel
 from qra_search.descent import descend, exchanges, one_level_moves
-from qra_search.evaluate import Evaluator, layer_groups, linear_modules
+from qra_search.evaluate import layer_groups
 from qra_search.genes import Budget, GeneSpace
 from qra_search.sensitivity import Sensitivity, profile
-from qra_search.store import quant_store
 
 BITS, RANKS = (2, 3, 4, 8), (0, 4, 8)
 ERR = {2: 1.0, 3: 0.3, 4: 0.08, 8: 0.005}
@@ -105,12 +103,8 @@ def test_descent_stops_at_a_measured_local_optimum():
 
 
 @pytest.fixture
-def real(model, tokens, tmp_path):
-    lin = linear_modules(model)
-    store = quant_store(model, lin, group_size=64, method="rtn", cache_dir=str(tmp_path))
-    ev = Evaluator(model, store, tokens[:3], tokens[3:])
-    groups = layer_groups(list(lin), "block")
-    costs = CostModel(linear_shapes(model), 64)
+def real(tiny_search):
+    ev, groups, costs, tmp_path = tiny_search
     sens = profile(ev, groups, BITS, RANKS, str(tmp_path), progress=False)
     space = GeneSpace(groups, BITS, RANKS, costs, Budget(costs.uniform_bytes(3.5, 4)), sens)
     return space, ev

@@ -4,27 +4,13 @@ import json
 import numpy as np
 import pytest
 
-from qra_kernels.allocation import linear_shapes
-from qra_search.costs import CostModel
-from qra_search.evaluate import Evaluator, layer_groups, linear_modules
-from qra_search.store import quant_store
 from qra_search.evolution import Budget, GeneSpace, explore
 from qra_search.refinement import GaussianProcess, expected_improvement, matern52, refine
 from qra_search.sensitivity import profile
 
 
-@pytest.fixture
-def setup(model, tokens, tmp_path):
-    lin = linear_modules(model)
-    store = quant_store(model, lin, group_size=64, method="rtn", cache_dir=str(tmp_path))
-    ev = Evaluator(model, store, tokens[:3], tokens[3:])
-    groups = layer_groups(list(lin), "block")
-    costs = CostModel(linear_shapes(model), 64)
-    return ev, groups, costs, tmp_path
-
-
-def test_sensitivity_profile_is_ordered_and_cached(setup):
-    ev, groups, costs, tmp = setup
+def test_sensitivity_profile_is_ordered_and_cached(tiny_search):
+    ev, groups, costs, tmp = tiny_search
     sens = profile(ev, groups, (2, 3, 4, 8), (0, 4, 8), str(tmp), progress=False)
     for g in groups:
         kl = sens.kl[g]
@@ -37,15 +23,15 @@ def test_sensitivity_profile_is_ordered_and_cached(setup):
     assert ev.n_forward == n and again.to_dict() == json.loads(json.dumps(sens.to_dict()))
 
 
-def _space(setup, budget_bits=3.5, ranks=(0, 4, 8)):
-    ev, groups, costs, tmp = setup
+def _space(tiny_search, budget_bits=3.5, ranks=(0, 4, 8)):
+    ev, groups, costs, tmp = tiny_search
     sens = profile(ev, groups, (2, 3, 4, 8), ranks, str(tmp), progress=False)
     budget = Budget(costs.uniform_bytes(budget_bits, 4))
     return GeneSpace(groups, (2, 3, 4, 8), ranks, costs, budget, sens), ev
 
 
-def test_decode_encode_and_repair_keep_candidates_in_budget(setup):
-    space, _ = _space(setup)
+def test_decode_encode_and_repair_keep_candidates_in_budget(tiny_search):
+    space, _ = _space(tiny_search)
     rng = np.random.default_rng(0)
     for _ in range(50):
         x = rng.uniform(-0.2, 1.2, space.dim)
@@ -59,8 +45,8 @@ def test_decode_encode_and_repair_keep_candidates_in_budget(setup):
     assert not space.feasible(top) and space.feasible(space.repair(top))
 
 
-def test_greedy_seed_fits_and_uses_the_budget(setup):
-    space, _ = _space(setup)
+def test_greedy_seed_fits_and_uses_the_budget(tiny_search):
+    space, _ = _space(tiny_search)
     g = space.greedy()
     assert space.feasible(g)
     assert space.memory(g) > space.memory(space.cheapest())
@@ -68,8 +54,8 @@ def test_greedy_seed_fits_and_uses_the_budget(setup):
         space.greedy(Budget(space.memory(space.cheapest()) - 1))
 
 
-def test_cma_es_stays_feasible_and_improves_on_its_start(setup):
-    space, ev = _space(setup)
+def test_cma_es_stays_feasible_and_improves_on_its_start(tiny_search):
+    space, ev = _space(tiny_search)
     start = space.cheapest()
     seen = explore(space, start, lambda c: ev.kl(space.layers(c)), evaluations=12, seed=0,
                    popsize=6, progress=False)
@@ -91,8 +77,8 @@ def test_gp_fits_a_smooth_function_and_ei_prefers_promise():
     assert ei[0] > ei[1] and ei[2] > ei[0]
 
 
-def test_refinement_evaluates_new_feasible_candidates(setup):
-    space, ev = _space(setup)
+def test_refinement_evaluates_new_feasible_candidates(tiny_search):
+    space, ev = _space(tiny_search)
     score = lambda c: ev.kl(space.layers(c))
     hist = [(c, score(c)) for c in (space.greedy(), space.cheapest(), space.uniform(3, 0))]
     new = refine(space, hist, score, steps=3, seed=0, candidates=40, progress=False)
