@@ -54,7 +54,10 @@ def _time(fn, reps):
     return statistics.median(ts)
 
 
-def measure_isa(isa, reps, ms, small_max=SMALL_MAX):
+PATHS = ("gemv", "int8", "gemm", "torch")
+
+
+def measure_isa(isa, reps, ms, small_max=SMALL_MAX, paths=PATHS):
     os.environ["QRA_CPU_ISA"] = isa
     if _ext.extension().cpu_isa() != isa:
         raise SystemExit(f"this CPU cannot run the {isa} build")
@@ -71,7 +74,7 @@ def measure_isa(isa, reps, ms, small_max=SMALL_MAX):
                     x = torch.randn(m, k).to(dtype)
                     go = torch.randn(m, n).to(dtype)
                     row = {}
-                    for path in ("gemv", "int8", "gemm", "torch"):
+                    for path in paths:
                         if path in ("gemv", "int8") and m > small_max:
                             continue
                         with cpu_backend.path(path):
@@ -119,6 +122,9 @@ def main(argv=None):
     p.add_argument("--small-max", type=int, default=SMALL_MAX,
                    help="the most rows at which the gemv and int8 paths are timed")
     p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--paths", default=",".join(PATHS),
+                   help="paths to time (default all); a path left out is no candidate of the "
+                        "rules (on an AVX2-only CPU torch's bf16 GEMM takes seconds a call)")
     p.add_argument("--merge", nargs="*", default=None, help="combine earlier outputs")
     p.add_argument("--out", required=True)
     args = p.parse_args(argv)
@@ -147,7 +153,11 @@ def main(argv=None):
                 [i for i in _ext.extension().cpu_runnable_isas().split(",") if i != "generic"])
         cpu_model = next((line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo")
                           if line.startswith("model name")), "")
-        measured = {isa: measure_isa(isa, args.reps, ms, args.small_max) for isa in isas}
+        paths = tuple(v for v in args.paths.split(",") if v)
+        unknown = set(paths) - set(PATHS)
+        if unknown or "gemm" not in paths:
+            p.error(f"--paths: choose from {','.join(PATHS)}, gemm included; got {args.paths!r}")
+        measured = {isa: measure_isa(isa, args.reps, ms, args.small_max, paths) for isa in isas}
         table = {"command": " ".join([os.path.basename(sys.executable), *sys.argv]),
                  "machine": {"cpu": cpu_model, "logical_cpus": os.cpu_count(),
                              "torch": torch.__version__},
