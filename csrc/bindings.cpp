@@ -148,28 +148,35 @@ PYBIND11_MODULE(_C, m) {
       "grad_x[M,K] (fp32) = grad_out[M,N] (g_dtype) · dequant(W) + scaling·(grad_out·B)·A; "
       "gb[M,r] (fp32, optional) = grad_out·B; path cpu_path_gemv or cpu_path_gemm");
 
-  m.def(
-      "cpu_dequantize_panel",
-      [](uintptr_t qweight, uintptr_t scales, uintptr_t zeros, int scale_dtype, int bits,
-         int group_size, int64_t N, int64_t Kp, int64_t k0, int64_t k1, int64_t n0, int64_t n1,
-         uintptr_t out, int out_dtype, int64_t ldo, int threads) {
-        check_layout(bits, group_size, 1, N, Kp, Kp);
-        check_scale_dtype(scale_dtype);
-        if (out_dtype != qra::kFloat32 && out_dtype != qra::kBFloat16)
-          throw std::invalid_argument("out_dtype must be float32 or bfloat16");
-        if (k0 < 0 || k1 > Kp || k0 > k1 || k0 % group_size || k1 % group_size)
-          throw std::invalid_argument("[k0, k1) must be group-aligned and within [0, Kp]");
-        if (n0 < 0 || n1 > N || n0 > n1) throw std::invalid_argument("[n0, n1) must be within [0, N]");
-        if (ldo < n1 - n0) throw std::invalid_argument("ldo must be >= n1 - n0");
-        if (!out && k1 > k0 && n1 > n0) throw std::invalid_argument("out is null");
-        qra::cpu::DequantArgs a{ptr<const int32_t>(qweight), ptr<const uint16_t>(scales),
-                                ptr<const uint16_t>(zeros), scale_dtype, bits, group_size, N,
-                                Kp, k0, k1, n0, n1, ptr<void>(out), out_dtype, ldo};
-        py::gil_scoped_release release;
-        qra::cpu::dequantize_panel(a, threads);
-      },
-      "out[(k-k0)*ldo + (n-n0)] = dequant(W)[n, k] for k in [k0,k1), n in [n0,n1), as "
-      "float32 or bfloat16 (out_dtype): a panel of dequant(W)ᵀ for torch's GEMM");
+  // The torch route's dequantized panels, in its two layouts (linear_cpu.h, DequantArgs).
+  auto dequantize = [](bool rows) {
+    return [rows](uintptr_t qweight, uintptr_t scales, uintptr_t zeros, int scale_dtype,
+                  int bits, int group_size, int64_t N, int64_t Kp, int64_t k0, int64_t k1,
+                  int64_t n0, int64_t n1, uintptr_t out, int out_dtype, int64_t ldo,
+                  int threads) {
+      check_layout(bits, group_size, 1, N, Kp, Kp);
+      check_scale_dtype(scale_dtype);
+      if (out_dtype != qra::kFloat32 && out_dtype != qra::kBFloat16)
+        throw std::invalid_argument("out_dtype must be float32 or bfloat16");
+      if (k0 < 0 || k1 > Kp || k0 > k1 || k0 % group_size || k1 % group_size)
+        throw std::invalid_argument("[k0, k1) must be group-aligned and within [0, Kp]");
+      if (n0 < 0 || n1 > N || n0 > n1) throw std::invalid_argument("[n0, n1) must be within [0, N]");
+      if (rows ? ldo < k1 - k0 : ldo < n1 - n0)
+        throw std::invalid_argument(rows ? "ldo must be >= k1 - k0" : "ldo must be >= n1 - n0");
+      if (!out && k1 > k0 && n1 > n0) throw std::invalid_argument("out is null");
+      qra::cpu::DequantArgs a{ptr<const int32_t>(qweight), ptr<const uint16_t>(scales),
+                              ptr<const uint16_t>(zeros), scale_dtype, bits, group_size, N,
+                              Kp, k0, k1, n0, n1, ptr<void>(out), out_dtype, ldo, rows};
+      py::gil_scoped_release release;
+      qra::cpu::dequantize_panel(a, threads);
+    };
+  };
+  m.def("cpu_dequantize_panel", dequantize(false),
+        "out[(k-k0)*ldo + (n-n0)] = dequant(W)[n, k] for k in [k0,k1), n in [n0,n1), as "
+        "float32 or bfloat16 (out_dtype): a panel of dequant(W)ᵀ for torch's GEMM");
+  m.def("cpu_dequantize_rows", dequantize(true),
+        "out[(n-n0)*ldo + (k-k0)] = dequant(W)[n, k]: rows n0..n1 of dequant(W) over "
+        "[k0,k1), W's own [out, in] layout (same arguments as cpu_dequantize_panel)");
 
 #if defined(QRA_WITH_CUDA)
   m.def("cuda_device_count", &qra::cuda::device_count);

@@ -539,6 +539,240 @@ static void dequantize_panel_bits(const DequantArgs& a, int threads) {
   run_parallel(g1 - g0, (g1 - g0) * (a.n1 - a.n0) < (1 << 16) ? 1 : threads, body);
 }
 
+
+// ---- rows of dequant(W) for a GEMM library (the torch route's forward) --------------------
+// out[(n − n0)·ldo + (k − k0)] = (code(k, n) − z)·s for n in [n0, n1), k in [k0, k1): W's
+// own [out, in] layout, the one nn.Linear's weight has. torch.mm(x, out.t()) then takes the
+// same oneDNN kernel as F.linear on a bf16 weight; on the [k][n] panel above it is slower
+// (benches/README.md, "The torch path's forward panel"). The values are those of the panel
+// above, bit for bit: the words are still read as vectors of L columns and dequantized the
+// same way, 16 k at a time, and the 16 × L block is transposed before it is stored (in
+// registers on AVX-512, through a small tile elsewhere). Threads split the columns.
+#if QRA_CPU_LANES == 16 && defined(__AVX512F__)
+// r[i] (row i, 16 lanes) -> r[j] = lane j of every row: the usual three shuffle levels (pairs
+// of floats, then pairs of pairs inside each 128-bit lane, then the four 128-bit lanes).
+static inline void transpose16(__m512 (&r)[16]) {
+  __m512 t[16], u[16];
+  for (int i = 0; i < 8; ++i) {
+    t[2 * i] = _mm512_unpacklo_ps(r[2 * i], r[2 * i + 1]);
+    t[2 * i + 1] = _mm512_unpackhi_ps(r[2 * i], r[2 * i + 1]);
+  }
+  for (int i = 0; i < 4; ++i) {
+    u[4 * i + 0] = _mm512_shuffle_ps(t[4 * i], t[4 * i + 2], 0x44);
+    u[4 * i + 1] = _mm512_shuffle_ps(t[4 * i], t[4 * i + 2], 0xEE);
+    u[4 * i + 2] = _mm512_shuffle_ps(t[4 * i + 1], t[4 * i + 3], 0x44);
+    u[4 * i + 3] = _mm512_shuffle_ps(t[4 * i + 1], t[4 * i + 3], 0xEE);
+  }
+  // u[4i + j], 128-bit lane l: column 4l + j of rows 4i .. 4i + 3.
+  for (int j = 0; j < 4; ++j) {
+    const __m512 v0 = _mm512_shuffle_f32x4(u[j], u[4 + j], 0x44);
+    const __m512 v1 = _mm512_shuffle_f32x4(u[j], u[4 + j], 0xEE);
+    const __m512 v2 = _mm512_shuffle_f32x4(u[8 + j], u[12 + j], 0x44);
+    const __m512 v3 = _mm512_shuffle_f32x4(u[8 + j], u[12 + j], 0xEE);
+    r[j] = _mm512_shuffle_f32x4(v0, v2, 0x88);
+    r[4 + j] = _mm512_shuffle_f32x4(v0, v2, 0xDD);
+    r[8 + j] = _mm512_shuffle_f32x4(v1, v3, 0x88);
+    r[12 + j] = _mm512_shuffle_f32x4(v1, v3, 0xDD);
+  }
+}
+
+// 16 values of one output row, k-contiguous.
+static inline void store_row16(void* out, int dtype, int64_t i, __m512 v) {
+#if defined(QRA_CPU_BF16DOT)
+  // vcvtneps2bf16 rounds to nearest even like the integer rounding of store_lanes, but reads
+  // subnormal inputs as zero: those (never seen in practice: |(q − z)·s| < 2^-126) take the
+  // exact path.
+  if (dtype == kBFloat16 && !_mm512_fpclass_ps_mask(v, 0x20)) {
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(static_cast<uint16_t*>(out) + i),
+                        (__m256i)_mm512_cvtneps_pbh(v));
+    return;
+  }
+#endif
+  store_lanes(out, dtype, i, (F)v);
+}
+#endif
+
+#if defined(QRA_CPU_BF16DOT)
+// The fast path of dequantize_rows_bits for 2-, 4- and 8-bit codes, bf16 out, fp16 scales.
+// It transposes the packed words, not the values: four word rows of 16 columns become the
+// 16 bytes of each column (8 bytes for 2-bit, two columns a vector), the bytes are widened
+// to dword lanes (vpmovzxbd) and each bit field of them is one vector of codes in a fixed k
+// pattern; after the FMA and the bf16 conversion one word permutation puts the 32 values of
+// a chunk in k order. About 3× fewer instructions per value than transposing the values.
+// Numbers: the same fma((float)q, s, −z·s) as above; vcvtne2ps2bf16 rounds to nearest even
+// and reads subnormals as zero, and with fp16 scales no value is subnormal: q·s and z·s are
+// exact in fp32 (11 × 8 and 11 × 11 significant bits) and multiples of 2^-48, so a nonzero
+// difference is >= 2^-48 (bf16 scales take the exact path above).
+static inline __m128i lane128(__m512i v, int l) {
+  switch (l) {  // an immediate operand: l is a constant once the callers' loops unroll
+    case 0: return _mm512_castsi512_si128(v);
+    case 1: return _mm512_extracti32x4_epi32(v, 1);
+    case 2: return _mm512_extracti32x4_epi32(v, 2);
+    default: return _mm512_extracti32x4_epi32(v, 3);
+  }
+}
+
+static inline __m512i load_words16(const int32_t* p) { return _mm512_loadu_si512(p); }
+
+// Four word rows r[0..3] of 16 columns -> t[j]: 128-bit lane l holds column 4l + j's four
+// words, in row order.
+static inline void transpose_words(const __m512i (&r)[4], __m512i (&t)[4]) {
+  const __m512i ab0 = _mm512_unpacklo_epi32(r[0], r[1]), ab1 = _mm512_unpackhi_epi32(r[0], r[1]);
+  const __m512i cd0 = _mm512_unpacklo_epi32(r[2], r[3]), cd1 = _mm512_unpackhi_epi32(r[2], r[3]);
+  t[0] = _mm512_unpacklo_epi64(ab0, cd0);
+  t[1] = _mm512_unpackhi_epi64(ab0, cd0);
+  t[2] = _mm512_unpacklo_epi64(ab1, cd1);
+  t[3] = _mm512_unpackhi_epi64(ab1, cd1);
+}
+
+static inline __m512 dq16(__m512i codes, __m512 s, __m512 zs) {
+  return _mm512_fmsub_ps(_mm512_cvtepi32_ps(codes), s, zs);
+}
+
+// One chunk (32 k) of 16 columns starting at column n: out + l·ldo is column l's row, at the
+// chunk's first k. sv/zv: the group's s and z·s of the 16 columns.
+template <int B>
+static inline void rows_chunk_bf16(const int32_t* q, int64_t N, int64_t c, int64_t n,
+                                   const float* sv, const float* zv, uint16_t* out, int64_t ldo) {
+  if constexpr (B == 4) {
+    __m512i r[4], t[4];
+    for (int i = 0; i < 4; ++i) r[i] = load_words16(q + (c * 4 + i) * N + n);
+    transpose_words(r, t);
+    // byte b of a column holds k = 2b (low nibble) and 2b + 1: even k, then odd k
+    const __m512i order = _mm512_set_epi16(31, 15, 30, 14, 29, 13, 28, 12, 27, 11, 26, 10, 25, 9,
+                                           24, 8, 23, 7, 22, 6, 21, 5, 20, 4, 19, 3, 18, 2, 17,
+                                           1, 16, 0);
+#pragma GCC unroll 4
+    for (int l = 0; l < 4; ++l)
+#pragma GCC unroll 4
+      for (int j = 0; j < 4; ++j) {
+        const int col = 4 * l + j;
+        const __m512 s = _mm512_set1_ps(sv[col]), zs = _mm512_set1_ps(zv[col]);
+        const __m512i d = _mm512_cvtepu8_epi32(lane128(t[j], l));
+        const __m512 e = dq16(_mm512_and_si512(d, _mm512_set1_epi32(15)), s, zs);
+        const __m512 o = dq16(_mm512_srli_epi32(d, 4), s, zs);
+        const __m512i h = (__m512i)_mm512_cvtne2ps_pbh(o, e);
+        _mm512_storeu_si512(out + col * ldo, _mm512_permutexvar_epi16(order, h));
+      }
+  } else if constexpr (B == 8) {
+    __m512i r[4], t0[4], t1[4];
+    for (int i = 0; i < 4; ++i) r[i] = load_words16(q + (c * 8 + i) * N + n);
+    transpose_words(r, t0);  // k 0 .. 15
+    for (int i = 0; i < 4; ++i) r[i] = load_words16(q + (c * 8 + 4 + i) * N + n);
+    transpose_words(r, t1);  // k 16 .. 31
+#pragma GCC unroll 4
+    for (int l = 0; l < 4; ++l)
+#pragma GCC unroll 4
+      for (int j = 0; j < 4; ++j) {
+        const int col = 4 * l + j;
+        const __m512 s = _mm512_set1_ps(sv[col]), zs = _mm512_set1_ps(zv[col]);
+        const __m512 lo = dq16(_mm512_cvtepu8_epi32(lane128(t0[j], l)), s, zs);
+        const __m512 hi = dq16(_mm512_cvtepu8_epi32(lane128(t1[j], l)), s, zs);
+        _mm512_storeu_si512(out + col * ldo, (__m512i)_mm512_cvtne2ps_pbh(hi, lo));
+      }
+  } else {  // B == 2: two words a column; a 128-bit lane holds two columns' 8 bytes
+    const __m512i w0 = load_words16(q + (c * 2) * N + n), w1 = load_words16(q + (c * 2 + 1) * N + n);
+    const __m512i u[2] = {_mm512_unpacklo_epi32(w0, w1), _mm512_unpackhi_epi32(w0, w1)};
+    // u[p], lane l: columns 4l + 2p (dwords 0-7 after widening) and 4l + 2p + 1 (8-15).
+    // Field j of byte b is k = 4b + j; after the two conversions, words: field 0 (A: 0-7,
+    // B: 8-15), field 1 (16-31), then fields 2, 3 (32-63) in the second source.
+    // output k of column A (first) or B: (k & 3)·16 + (k >> 2) (+ 8 for B)
+    alignas(64) static const int16_t kOrder[2][32] = {
+        {0, 16, 32, 48, 1, 17, 33, 49, 2, 18, 34, 50, 3, 19, 35, 51, 4, 20, 36, 52, 5, 21, 37, 53, 6, 22, 38, 54, 7, 23, 39, 55},
+        {8, 24, 40, 56, 9, 25, 41, 57, 10, 26, 42, 58, 11, 27, 43, 59, 12, 28, 44, 60, 13, 29, 45, 61, 14, 30, 46, 62, 15, 31, 47, 63}};
+    const __m512i ia = _mm512_load_si512(kOrder[0]), ib = _mm512_load_si512(kOrder[1]);
+    const __m512i three = _mm512_set1_epi32(3);
+#pragma GCC unroll 4
+    for (int l = 0; l < 4; ++l)
+#pragma GCC unroll 2
+      for (int p = 0; p < 2; ++p) {
+        const int col = 4 * l + 2 * p;
+        const __m512 s = _mm512_mask_blend_ps(0xFF00, _mm512_set1_ps(sv[col]), _mm512_set1_ps(sv[col + 1]));
+        const __m512 zs = _mm512_mask_blend_ps(0xFF00, _mm512_set1_ps(zv[col]), _mm512_set1_ps(zv[col + 1]));
+        const __m512i d = _mm512_cvtepu8_epi32(lane128(u[p], l));
+        const __m512 f0 = dq16(_mm512_and_si512(d, three), s, zs);
+        const __m512 f1 = dq16(_mm512_and_si512(_mm512_srli_epi32(d, 2), three), s, zs);
+        const __m512 f2 = dq16(_mm512_and_si512(_mm512_srli_epi32(d, 4), three), s, zs);
+        const __m512 f3 = dq16(_mm512_srli_epi32(d, 6), s, zs);
+        const __m512i h01 = (__m512i)_mm512_cvtne2ps_pbh(f1, f0);
+        const __m512i h23 = (__m512i)_mm512_cvtne2ps_pbh(f3, f2);
+        _mm512_storeu_si512(out + col * ldo, _mm512_permutex2var_epi16(h01, ia, h23));
+        _mm512_storeu_si512(out + (col + 1) * ldo, _mm512_permutex2var_epi16(h01, ib, h23));
+      }
+  }
+}
+#endif
+
+template <int B>
+static void dequantize_rows_bits(const DequantArgs& a, int threads) {
+  const int64_t N = a.N, Kp = a.Kp, gs = a.group_size;
+  const int64_t g0 = a.k0 / gs, g1 = a.k1 / gs;
+  const int64_t vecs = (a.n1 - a.n0) / L;  // full vectors of columns; the rest is scalar
+  const int32_t* q = a.qweight;
+  const bool fast = a.out_dtype == kBFloat16 && a.scale_dtype == kFloat16;  // see rows_chunk_bf16
+  (void)fast;
+  auto body = [&](int64_t u0, int64_t u1) {
+    for (int64_t u = u0; u < u1; ++u) {
+      if (u == vecs) {  // the columns past the last full vector
+        for (int64_t n = a.n0 + vecs * L; n < a.n1; ++n)
+          for (int64_t g = g0; g < g1; ++g) {
+            const float s = half_to_float(a.scales[g * N + n], a.scale_dtype);
+            const float zs = half_to_float(a.zeros[g * N + n], a.scale_dtype) * s;
+            for (int64_t k = g * gs; k < (g + 1) * gs; ++k)
+              store_one(a.out, a.out_dtype, (n - a.n0) * a.ldo + (k - a.k0),
+                        (float)code_at<B>(q, N, Kp, n, k) * s - zs);
+          }
+        continue;
+      }
+      const int64_t n = a.n0 + u * L;
+      const int64_t o0 = (n - a.n0) * a.ldo - a.k0;  // out index of (n, k) is o0 + l·ldo + k
+      for (int64_t g = g0; g < g1; ++g) {
+        const F s = LanesV::load_half(a.scales + g * N + n, a.scale_dtype);
+        const F zs = LanesV::load_half(a.zeros + g * N + n, a.scale_dtype) * s;
+#if defined(QRA_CPU_BF16DOT)
+        if constexpr (B != 3) {
+          if (fast) {
+            alignas(64) float sv[16], zv[16];
+            memcpy(sv, &s, sizeof sv);
+            memcpy(zv, &zs, sizeof zv);
+            uint16_t* out = static_cast<uint16_t*>(a.out) + o0;
+            for (int64_t c = g * gs / 32; c < (g + 1) * gs / 32; ++c)
+              rows_chunk_bf16<B>(q, N, c, n, sv, zv, out + c * 32, a.ldo);
+            continue;
+          }
+        }
+#endif
+        for (int64_t c = g * gs / 32; c < (g + 1) * gs / 32; ++c) {
+          U w[8];  // the chunk's B words (chunk_word_row order), as in the panel above
+          for (int i = 0; i < B; ++i) memcpy(&w[i], q + chunk_word_row<B>(i, c, Kp) * N + n, sizeof(U));
+          for (int h = 0; h < 32; h += 16) {
+#if QRA_CPU_LANES == 16 && defined(__AVX512F__)
+            __m512 r[16];
+#pragma GCC unroll 16
+            for (int i = 0; i < 16; ++i)
+              r[i] = (__m512)(__builtin_convertvector((i32xL)chunk_code<B, U>(w, h + i), F) * s - zs);
+            transpose16(r);
+            for (int l = 0; l < 16; ++l) store_row16(a.out, a.out_dtype, o0 + l * a.ldo + c * 32 + h, r[l]);
+#else
+            float tile[16][L];
+#pragma GCC unroll 16
+            for (int i = 0; i < 16; ++i) {
+              const F v = __builtin_convertvector((i32xL)chunk_code<B, U>(w, h + i), F) * s - zs;
+              memcpy(tile[i], &v, sizeof v);
+            }
+            for (int l = 0; l < L; ++l)
+              for (int i = 0; i < 16; ++i)
+                store_one(a.out, a.out_dtype, o0 + l * a.ldo + c * 32 + h + i, tile[i][l]);
+#endif
+          }
+        }
+      }
+    }
+  };
+  const int64_t units = vecs + ((a.n1 - a.n0) % L ? 1 : 0);
+  run_parallel(units, (g1 - g0) * (a.n1 - a.n0) < (1 << 16) ? 1 : threads, body);
+}
+
 }  // namespace gemm
 
 // ---- entry points of the GEMM path ---------------------------------------------------

@@ -688,8 +688,12 @@ static void by_bits(int bits, Args&&... args) {
 template <int B> struct GemmForward { static void run(const ForwardArgs& a, int t) { gemm_forward_bits<B>(a, t); } };
 template <int B> struct GemmBackward { static void run(const BackwardArgs& a, int t) { gemm_backward_bits<B>(a, t); } };
 template <int B> struct DequantPanel { static void run(const DequantArgs& a, int t) { gemm::dequantize_panel_bits<B>(a, t); } };
+template <int B> struct DequantRows { static void run(const DequantArgs& a, int t) { gemm::dequantize_rows_bits<B>(a, t); } };
 
-void dequantize_panel(const DequantArgs& a, int threads) { by_bits<DequantPanel>(a.bits, a, threads); }
+void dequantize_panel(const DequantArgs& a, int threads) {
+  if (a.rows) return by_bits<DequantRows>(a.bits, a, threads);
+  by_bits<DequantPanel>(a.bits, a, threads);
+}
 
 void forward(const ForwardArgs& a, int path, int threads) {
   if (path == kPathGemm) return by_bits<GemmForward>(a.bits, a, threads);

@@ -57,8 +57,10 @@ struct BackwardArgs {
 
 // A panel of dequant(W)ᵀ for a GEMM library: out[(k − k0)·ldo + (n − n0)] = (code − z)·s
 // for k in [k0, k1) (group aligned, k1 <= Kp) and n in [n0, n1), in bf16 (out_dtype
-// kBFloat16, round to nearest even) or fp32. The torch route of the large-M path
-// (qra_kernels/backends/cpu_backend.py) multiplies such panels with torch's GEMM.
+// kBFloat16, round to nearest even) or fp32. With `rows`, the same values as rows of
+// dequant(W) itself: out[(n − n0)·ldo + (k − k0)]. The torch route of the large-M path
+// (qra_kernels/backends/cpu_backend.py) multiplies such panels with torch's GEMM: rows for
+// the forward (W's [out, in] layout, as F.linear's weight), the [k][n] panel for dX.
 struct DequantArgs {
   const int32_t* qweight;
   const uint16_t* scales;
@@ -70,6 +72,7 @@ struct DequantArgs {
   void* out;
   int out_dtype;
   int64_t ldo;
+  bool rows;
 };
 
 // Throw-free: the binding validates everything first. `path` must be one of Path.

@@ -49,8 +49,23 @@ PATHS = ("auto", "gemv", "int8", "gemm", "torch")
 # multiple of every group size). Measured at M = 256 on 4096 x 4096, bf16, Zen 4: panels of
 # 128 / 256 / 1024 / 2048 took 30.9 / 29.8 / 26.1 / 27.3 ms forward (dense bf16 20.8 ms);
 # fewer, larger panels pay the dequantization's thread start-up and torch's per-call set-up
-# less often. K x 1024 bf16 is 8 MiB at K = 4096.
+# less often. K x 1024 bf16 is 8 MiB at K = 4096. Re-measured with the forward's rows
+# layout (2026-12-03): 256 / 512 / 1024 / 2048 within the VM's noise of each other
+# (24.5-26.7 ms, dense 21.7), so 1024 stays.
 _PANEL = 1024
+
+# The panel buffer of the torch path, kept per thread and dtype between calls: a fresh 8 MiB
+# torch.empty is fresh pages from the OS each call, and touching them cost ~2 ms of a 26 ms
+# call (4096², M = 256, Zen 4). Held: one panel (K x _PANEL values) per thread and dtype.
+_scratch_tls = threading.local()
+
+
+def _scratch(numel: int, dtype: torch.dtype) -> torch.Tensor:
+    bufs = _scratch_tls.__dict__.setdefault("bufs", {})
+    buf = bufs.get(dtype)
+    if buf is None or buf.numel() < numel:
+        buf = bufs[dtype] = torch.empty(numel, dtype=dtype)
+    return buf
 DISPATCH_PATH = Path(__file__).resolve().parent.parent / "configs" / "cpu_dispatch.json"
 
 # Used where the table has no entry for this machine's build (it lists every build the
@@ -181,24 +196,30 @@ def _torch_forward(x2, qweight, scales, zeros, bits, group_size, n_out, k, kp, l
     m = xx.shape[0]
     y = torch.empty(m, n_out, dtype=dt)
     xa = (xx.float() @ lora_A.float().t()).mul_(scaling).to(dt) if rank else None
-    buf = torch.empty(kp * min(_PANEL, n_out), dtype=dt)
+    buf = _scratch(kp * min(_PANEL, n_out), dt)
     q, s, z = qweight.contiguous(), scales.contiguous(), zeros.contiguous()
     threads = torch.get_num_threads()
     for n0 in range(0, n_out, _PANEL):
         n1 = min(n0 + _PANEL, n_out)
         w = n1 - n0
-        ext.cpu_dequantize_panel(_ext.data_ptr(q), _ext.data_ptr(s), _ext.data_ptr(z),
-                                 _ext.DTYPE_CODES[scales.dtype], bits, group_size, n_out, kp,
-                                 0, kp, n0, n1, _ext.data_ptr(buf), _ext.DTYPE_CODES[dt], w,
-                                 threads)
-        panel = buf[:kp * w].view(kp, w)[:k]
+        # rows n0..n1 of dequant(W), [w, kp]: the layout of F.linear's weight, which oneDNN
+        # multiplies faster than the transposed panel (benches/README.md)
+        ext.cpu_dequantize_rows(_ext.data_ptr(q), _ext.data_ptr(s), _ext.data_ptr(z),
+                                _ext.DTYPE_CODES[scales.dtype], bits, group_size, n_out, kp,
+                                0, kp, n0, n1, _ext.data_ptr(buf), _ext.DTYPE_CODES[dt], kp,
+                                threads)
+        panel = buf[:kp * w].view(w, kp)[:, :k].t()
         base = None
         if xa is not None:
             base = xa @ lora_B[n0:n1].to(dt).t()
         if bias is not None:
             b = bias[n0:n1].to(dt)
             base = b if base is None else base.add_(b)
-        y[:, n0:n1] = torch.mm(xx, panel) if base is None else torch.addmm(base, xx, panel)
+        # straight into y's columns (its row stride is the GEMM's ldc): no temporary
+        if base is None:
+            torch.mm(xx, panel, out=y[:, n0:n1])
+        else:
+            torch.addmm(base, xx, panel, out=y[:, n0:n1])
     return y
 
 
@@ -209,7 +230,7 @@ def _torch_backward_dx(g2, qweight, scales, zeros, bits, group_size, n_out, k, k
     dt = torch.bfloat16 if g2.dtype == torch.bfloat16 else torch.float32
     gg = g2.to(dt).contiguous()
     gx = torch.empty(gg.shape[0], k, dtype=torch.float32)
-    buf = torch.empty(min(_PANEL, kp) * n_out, dtype=dt)
+    buf = _scratch(min(_PANEL, kp) * n_out, dt)
     q, s, z = qweight.contiguous(), scales.contiguous(), zeros.contiguous()
     threads = torch.get_num_threads()
     for k0 in range(0, k, _PANEL):

@@ -147,13 +147,20 @@ def test_dequantize_panel_is_the_format_dequantization(bits, isa):
     code = _ext.DTYPE_CODES
     ptrs = (qw.qweight.data_ptr(), qw.scales.data_ptr(), qw.zeros.data_ptr(),
             code[qw.scales.dtype], bits, g, n, k)
-    for (k0, k1, n0, n1) in [(0, k, 0, n), (64, 192, 5, 70), (128, 256, 80, 83), (0, 64, 0, 0)]:
+    for (k0, k1, n0, n1) in [(0, k, 0, n), (64, 192, 5, 70), (128, 256, 80, 83), (0, 64, 0, 0),
+                             (0, k, 3, 51)]:
         for dt in (torch.float32, torch.bfloat16):
             out = torch.full((k1 - k0, n1 - n0 + 3), -7.0, dtype=dt)  # ldo > width
             ext.cpu_dequantize_panel(*ptrs, k0, k1, n0, n1, out.data_ptr(), code[dt],
                                      out.shape[1], 2)
             assert torch.equal(out[:, :n1 - n0], wt[k0:k1, n0:n1].to(dt))
             assert (out[:, n1 - n0:] == -7).all()  # nothing written past the panel
+            # the same values as rows of dequant(W) (the forward's layout)
+            rows = torch.full((n1 - n0, k1 - k0 + 5), -7.0, dtype=dt)
+            ext.cpu_dequantize_rows(*ptrs, k0, k1, n0, n1, rows.data_ptr(), code[dt],
+                                    rows.shape[1], 2)
+            assert torch.equal(rows[:, :k1 - k0], wt[k0:k1, n0:n1].t().to(dt))
+            assert (rows[:, k1 - k0:] == -7).all()
     out = torch.empty(k * n)
     for bad, match in [((1, 64, 0, n), "group-aligned"), ((0, k + 64, 0, n), "group-aligned"),
                        ((0, 64, 0, n + 1), "within"), ((0, 64, 10, 5), "within")]:
@@ -161,6 +168,10 @@ def test_dequantize_panel_is_the_format_dequantization(bits, isa):
             ext.cpu_dequantize_panel(*ptrs, *bad, out.data_ptr(), code[torch.float32], n, 1)
     with pytest.raises(ValueError, match="ldo"):
         ext.cpu_dequantize_panel(*ptrs, 0, 64, 0, n, out.data_ptr(), code[torch.float32], 8, 1)
+    with pytest.raises(ValueError, match="ldo must be >= k1 - k0"):
+        ext.cpu_dequantize_rows(*ptrs, 0, 128, 0, n, out.data_ptr(), code[torch.float32], 64, 1)
+    with pytest.raises(ValueError, match="group-aligned"):
+        ext.cpu_dequantize_rows(*ptrs, 1, 64, 0, n, out.data_ptr(), code[torch.float32], k, 1)
     with pytest.raises(ValueError, match="out_dtype"):
         ext.cpu_dequantize_panel(*ptrs, 0, 64, 0, n, out.data_ptr(), code[torch.float16], n, 1)
 
