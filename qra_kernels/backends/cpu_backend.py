@@ -56,7 +56,8 @@ _PANEL = 1024
 
 # The panel buffer of the torch path, kept per thread and dtype between calls: a fresh 8 MiB
 # torch.empty is fresh pages from the OS each call, and touching them cost ~2 ms of a 26 ms
-# call (4096², M = 256, Zen 4). Held: one panel (K x _PANEL values) per thread and dtype.
+# call (4096², M = 256, Zen 4). Held per thread and dtype: the largest panel a call needed,
+# K x _PANEL values forward, _PANEL x N for dX (100 MiB of bf16 for a 49k-row lm_head).
 _scratch_tls = threading.local()
 
 
@@ -66,6 +67,8 @@ def _scratch(numel: int, dtype: torch.dtype) -> torch.Tensor:
     if buf is None or buf.numel() < numel:
         buf = bufs[dtype] = torch.empty(numel, dtype=dtype)
     return buf
+
+
 DISPATCH_PATH = Path(__file__).resolve().parent.parent / "configs" / "cpu_dispatch.json"
 
 # Used where the table has no entry for this machine's build (it lists every build the
