@@ -626,6 +626,14 @@ static inline void transpose_words(const __m512i (&r)[4], __m512i (&t)[4]) {
   t[3] = _mm512_unpackhi_epi64(ab1, cd1);
 }
 
+// Word rows row0 .. row0 + 3 of the 16 columns from n, transposed (transpose_words).
+static inline void load_columns(const int32_t* q, int64_t N, int64_t row0, int64_t n,
+                                __m512i (&t)[4]) {
+  __m512i r[4];
+  for (int i = 0; i < 4; ++i) r[i] = load_words16(q + (row0 + i) * N + n);
+  transpose_words(r, t);
+}
+
 static inline __m512 dq16(__m512i codes, __m512 s, __m512 zs) {
   return _mm512_fmsub_ps(_mm512_cvtepi32_ps(codes), s, zs);
 }
@@ -636,9 +644,8 @@ template <int B>
 static inline void rows_chunk_bf16(const int32_t* q, int64_t N, int64_t c, int64_t n,
                                    const float* sv, const float* zv, uint16_t* out, int64_t ldo) {
   if constexpr (B == 4) {
-    __m512i r[4], t[4];
-    for (int i = 0; i < 4; ++i) r[i] = load_words16(q + (c * 4 + i) * N + n);
-    transpose_words(r, t);
+    __m512i t[4];
+    load_columns(q, N, c * 4, n, t);
     // byte b of a column holds k = 2b (low nibble) and 2b + 1: even k, then odd k
     const __m512i order = _mm512_set_epi16(31, 15, 30, 14, 29, 13, 28, 12, 27, 11, 26, 10, 25, 9,
                                            24, 8, 23, 7, 22, 6, 21, 5, 20, 4, 19, 3, 18, 2, 17,
@@ -656,11 +663,9 @@ static inline void rows_chunk_bf16(const int32_t* q, int64_t N, int64_t c, int64
         _mm512_storeu_si512(out + col * ldo, _mm512_permutexvar_epi16(order, h));
       }
   } else if constexpr (B == 8) {
-    __m512i r[4], t0[4], t1[4];
-    for (int i = 0; i < 4; ++i) r[i] = load_words16(q + (c * 8 + i) * N + n);
-    transpose_words(r, t0);  // k 0 .. 15
-    for (int i = 0; i < 4; ++i) r[i] = load_words16(q + (c * 8 + 4 + i) * N + n);
-    transpose_words(r, t1);  // k 16 .. 31
+    __m512i t0[4], t1[4];
+    load_columns(q, N, c * 8, n, t0);      // k 0 .. 15
+    load_columns(q, N, c * 8 + 4, n, t1);  // k 16 .. 31
 #pragma GCC unroll 4
     for (int l = 0; l < 4; ++l)
 #pragma GCC unroll 4

@@ -13,8 +13,9 @@ Three paths compute the op (``csrc/cpu/linear_cpu.h``):
   allowed (:func:`set_path` ``int8=True`` or ``QRA_CPU_INT8=1``). Forward only.
 * ``gemm`` — panels of W dequantized to fp32 inside the kernel and multiplied by a blocked
   GEMM, LoRA as an extra K-slab; exact like ``gemv``. Prefill, training, backward dX.
-* ``torch`` — panels of W (``_PANEL`` columns, or rows for dX) dequantized by the kernel
-  into x's dtype (bf16, else fp32) and multiplied by torch's own GEMM (oneDNN), the LoRA
+* ``torch`` — panels of W (``_PANEL`` columns, or rows for dX; fewer for wide layers)
+  dequantized by the kernel into x's dtype (bf16, else fp32) and multiplied by torch's own
+  GEMM (oneDNN), the LoRA
   up-projection and bias as the ``addmm`` input of each panel. For bf16 x this is where the
   CPU's bf16 dot product pays (``vdpbf16ps``: 2x the fp32 FMA rate); the price is W rounded
   to bf16 before the product (as bitsandbytes and torch's int4 kernel do), an error of the
@@ -53,11 +54,27 @@ PATHS = ("auto", "gemv", "int8", "gemm", "torch")
 # layout (2026-12-03): 256 / 512 / 1024 / 2048 within the VM's noise of each other
 # (24.5-26.7 ms, dense 21.7), so 1024 stays.
 _PANEL = 1024
+# The most values one panel holds: K x _PANEL at K = 4096 (8 MiB of bf16). A wider layer gets
+# fewer columns (forward) or reduction rows (dX) a panel, so the kept buffer below stays this
+# size: without the cap a 49k-row lm_head's dX panel of _PANEL x N would keep 100 MiB.
+_PANEL_VALUES = 4096 * _PANEL
+
+
+def _panel_columns(kp: int) -> int:
+    """Output columns a forward panel of reduction length ``kp`` takes."""
+    return max(16, min(_PANEL, _PANEL_VALUES // kp) // 16 * 16)
+
+
+def _panel_rows(n_out: int, group_size: int) -> int:
+    """Reduction rows a dX panel of ``n_out`` columns takes: a multiple of the group size,
+    where the kernel's dequantization starts and ends."""
+    return max(group_size, min(_PANEL, _PANEL_VALUES // n_out) // group_size * group_size)
+
 
 # The panel buffer of the torch path, kept per thread and dtype between calls: a fresh 8 MiB
 # torch.empty is fresh pages from the OS each call, and touching them cost ~2 ms of a 26 ms
 # call (4096², M = 256, Zen 4). Held per thread and dtype: the largest panel a call needed,
-# K x _PANEL values forward, _PANEL x N for dX (100 MiB of bf16 for a 49k-row lm_head).
+# at most _PANEL_VALUES values (more only where one group's rows or 16 columns exceed it).
 _scratch_tls = threading.local()
 
 
@@ -192,18 +209,19 @@ def choose_path(m: int, bits: int, dtype: torch.dtype, backward: bool = False) -
 def _torch_forward(x2, qweight, scales, zeros, bits, group_size, n_out, k, kp, lora_A,
                    lora_B, rank, scaling, bias):
     """The ``torch`` path's forward: ``y = x2 @ dequant(W).T (+ LoRA, bias)`` in panels of
-    ``_PANEL`` output columns."""
+    :func:`_panel_columns` output columns."""
     ext = _ext.extension()
     dt = torch.bfloat16 if x2.dtype == torch.bfloat16 else torch.float32
     xx = x2.to(dt).contiguous()
     m = xx.shape[0]
     y = torch.empty(m, n_out, dtype=dt)
     xa = (xx.float() @ lora_A.float().t()).mul_(scaling).to(dt) if rank else None
-    buf = _scratch(kp * min(_PANEL, n_out), dt)
+    cols = _panel_columns(kp)
+    buf = _scratch(kp * min(cols, n_out), dt)
     q, s, z = qweight.contiguous(), scales.contiguous(), zeros.contiguous()
     threads = torch.get_num_threads()
-    for n0 in range(0, n_out, _PANEL):
-        n1 = min(n0 + _PANEL, n_out)
+    for n0 in range(0, n_out, cols):
+        n1 = min(n0 + cols, n_out)
         w = n1 - n0
         # rows n0..n1 of dequant(W), [w, kp]: the layout of F.linear's weight, which oneDNN
         # multiplies faster than the transposed panel (benches/README.md)
@@ -228,16 +246,17 @@ def _torch_forward(x2, qweight, scales, zeros, bits, group_size, n_out, k, kp, l
 
 def _torch_backward_dx(g2, qweight, scales, zeros, bits, group_size, n_out, k, kp):
     """The ``torch`` path's dX without LoRA: ``grad_x = g2 @ dequant(W)`` (fp32 [M, k]) in
-    panels of ``_PANEL`` reduction rows of W (a multiple of every group size)."""
+    panels of :func:`_panel_rows` reduction rows of W."""
     ext = _ext.extension()
     dt = torch.bfloat16 if g2.dtype == torch.bfloat16 else torch.float32
     gg = g2.to(dt).contiguous()
     gx = torch.empty(gg.shape[0], k, dtype=torch.float32)
-    buf = _scratch(min(_PANEL, kp) * n_out, dt)
+    rows = _panel_rows(n_out, group_size)
+    buf = _scratch(min(rows, kp) * n_out, dt)
     q, s, z = qweight.contiguous(), scales.contiguous(), zeros.contiguous()
     threads = torch.get_num_threads()
-    for k0 in range(0, k, _PANEL):
-        k1 = min(k0 + _PANEL, kp)
+    for k0 in range(0, k, rows):
+        k1 = min(k0 + rows, kp)
         ext.cpu_dequantize_panel(_ext.data_ptr(q), _ext.data_ptr(s), _ext.data_ptr(z),
                                  _ext.DTYPE_CODES[scales.dtype], bits, group_size, n_out, kp,
                                  k0, k1, 0, n_out, _ext.data_ptr(buf), _ext.DTYPE_CODES[dt],

@@ -111,6 +111,25 @@ def test_torch_path_matches_reference(bits, n, k, g, rank, m, isa):
     _close(got_no_lora[0], want[0], torch.float32)  # dX keeps the adapter's term
 
 
+@pytest.mark.parametrize("bits", [3, 4])
+@pytest.mark.parametrize("n,k,g,rank,m", [(130, 200, 64, 7, 5), (600, 96, 32, 0, 3)])
+def test_torch_path_panels_capped_for_wide_layers(bits, n, k, g, rank, m, monkeypatch):
+    """A layer wider than the panel cap is split into more, smaller panels (16-column
+    multiples forward, group multiples for dX) and gives the same numbers."""
+    cpu, ref = _backends()
+    monkeypatch.setattr(cpu_backend, "_PANEL_VALUES", 40 * max(n, k))
+    cols, rows = cpu_backend._panel_columns(k + (-k) % g), cpu_backend._panel_rows(n, g)
+    assert cols % 16 == 0 and cols < n and rows % g == 0 and rows < k
+    x, qw, a, b, bias = _case(n, k, g, bits, rank, m)
+    args = (qw.qweight, qw.scales, qw.zeros, bits, g, n, a, b, 0.75)
+    with cpu_backend.path("torch"):
+        _close(cpu.forward(x, *args, bias), ref.forward(x, *args, bias), x.dtype)
+        go = torch.randn(m, n)
+        got = cpu.backward(go, x, *args, True, True)
+    for gt, wt in zip(got, ref.backward(go, x, *args, True, True)):
+        _close(gt, wt, torch.float32)
+
+
 @pytest.mark.parametrize("bits", BITS)
 @pytest.mark.parametrize("n,k,g,m", [(37, 100, 32, 3), (300, 576, 64, 20), (1030, 256, 128, 9)])
 def test_torch_path_bf16_within_its_bound(bits, n, k, g, m, isa):
