@@ -15,12 +15,12 @@ Three paths compute the op (``csrc/cpu/linear_cpu.h``):
   GEMM, LoRA as an extra K-slab; exact like ``gemv``. Prefill, training, backward dX.
 * ``torch`` — panels of W (``_PANEL`` columns, or rows for dX; fewer for wide layers)
   dequantized by the kernel into x's dtype (bf16, else fp32) and multiplied by torch's own
-  GEMM (oneDNN), the LoRA
-  up-projection and bias as the ``addmm`` input of each panel. For bf16 x this is where the
-  CPU's bf16 dot product pays (``vdpbf16ps``: 2x the fp32 FMA rate); the price is W rounded
-  to bf16 before the product (as bitsandbytes and torch's int4 kernel do), an error of the
-  order of the bf16 rounding of y itself (bound tested in tests/.../test_cpu_backend.py).
-  With fp32 x it is exact up to summation order. Only a panel of W is ever dequantized.
+  GEMM (oneDNN), the LoRA up-projection and bias as the ``addmm`` input of each panel. For
+  bf16 x this is where the CPU's bf16 dot product pays (``vdpbf16ps``: 2x the fp32 FMA
+  rate); the price is W rounded to bf16 before the product (as bitsandbytes and torch's int4
+  kernel do), an error of the order of the bf16 rounding of y itself (bound tested in
+  tests/.../test_cpu_backend.py). With fp32 x it is exact up to summation order. Only a panel
+  of W is ever dequantized.
 
 ``auto`` (the default) picks, per call, the fastest allowed path for (instruction set,
 activation dtype, bit-width, rows) from the measured table
