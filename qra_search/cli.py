@@ -77,11 +77,14 @@ def _add_search_options(p, demo: bool = False):
     e.add_argument("--descent-rounds", type=int, default=1 if demo else 2,
                    help="rounds of measured descent around the best candidate (stage IV, "
                         "about 4 KL passes per layer group a round; 0 = none)")
-    e.add_argument("--select", choices=["proxy-near-kl", "kl", "proxy"],
-                   default="proxy-near-kl",
-                   help="how the result is chosen: lowest proxy fine-tune loss among the "
-                        "finalists within --kl-slack of the lowest KL (default), lowest KL, or "
-                        "lowest proxy loss")
+    e.add_argument("--select", choices=["proxy+kl", "proxy-near-kl", "kl", "proxy"],
+                   default="proxy+kl",
+                   help="how the result is chosen among the proxy-fine-tuned finalists: lowest "
+                        "proxy loss + --kl-weight x KL (default), lowest proxy loss within "
+                        "--kl-slack of the lowest KL, lowest KL, or lowest proxy loss")
+    e.add_argument("--kl-weight", type=float, default=2.5,
+                   help="with --select proxy+kl: nats of proxy loss one nat of KL is worth "
+                        "(default 2.5: 2/7 of the proxy's gain is taken to carry over)")
     e.add_argument("--kl-slack", type=float, default=2.0,
                    help="with --select proxy-near-kl: finalists with KL <= this times the "
                         "lowest KL are eligible (default 2)")
@@ -239,6 +242,7 @@ def search_config(args):
         group_size=args.group_size, method=args.method, seed=args.seed,
         evaluations=args.evaluations, popsize=args.popsize, refine_steps=args.refine_steps,
         descent_rounds=args.descent_rounds, select=args.select, kl_slack=args.kl_slack,
+        kl_weight=args.kl_weight,
         proxy_top=args.proxy_top,
         proxy_steps=args.proxy_steps, seq_len=args.seq_len,
         n_blocks=args.calib_blocks, hessian_blocks=args.hessian_blocks,

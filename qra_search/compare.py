@@ -78,7 +78,9 @@ def build_parser() -> Parser:
     p.add_argument("--evaluations", type=positive(int), default=20)
     p.add_argument("--refine-steps", type=int, default=4)
     p.add_argument("--descent-rounds", type=int, default=2)
-    p.add_argument("--select", choices=["proxy-near-kl", "kl", "proxy"], default="proxy-near-kl")
+    p.add_argument("--select", choices=["proxy+kl", "proxy-near-kl", "kl", "proxy"],
+                   default="proxy+kl")
+    p.add_argument("--kl-weight", type=float, default=2.5)
     p.add_argument("--kl-slack", type=float, default=2.0)
     p.add_argument("--proxy-top", type=int, default=1)
     p.add_argument("--proxy-steps", type=int, default=8)
@@ -273,7 +275,7 @@ def main(argv=None) -> int:
                               method=args.method, evaluations=args.evaluations,
                               refine_steps=args.refine_steps,
                               descent_rounds=args.descent_rounds, select=args.select,
-                              kl_slack=args.kl_slack,
+                              kl_slack=args.kl_slack, kl_weight=args.kl_weight,
                               proxy_top=args.proxy_top,
                               proxy_steps=args.proxy_steps, seq_len=args.seq_len,
                               n_blocks=args.calib_blocks, hessian_blocks=args.hessian_blocks)
@@ -438,6 +440,12 @@ def summarize(rows: List[dict]) -> Dict[str, dict]:
             entry["spearman_kl_vs_final"] = spearman([table[v]["calib_kl"] for v in table], means)
             entry["spearman_proxy_vs_final"] = spearman([table[v]["proxy_loss"] for v in table],
                                                         means)
+            # the default selection's score (proxy + kl_weight x KL, docs/SEARCH.md); runs
+            # from before it existed are scored with today's default weight
+            w = srch["settings"].get("kl_weight", 2.5)
+            entry["kl_weight"] = w
+            entry["spearman_score_vs_final"] = spearman(
+                [table[v]["proxy_loss"] + w * table[v]["calib_kl"] for v in table], means)
             step = statistics.mean(t["step_seconds"] for t in table.values())
             steps_per_epoch = srch["finetune_blocks"] / srch["settings"]["batch"]
             entry["finetune_epoch_seconds"] = step * steps_per_epoch
@@ -472,8 +480,12 @@ def format_summary(summary: Dict[str, dict]) -> str:
             lines.append("  searched beats: " + ", ".join(
                 f"{v} by {m:+.4f}" for v, m in sorted(e["margins"].items())) +
                 f" (largest seed spread {e['max_seed_spread']:.4f})")
-        lines.append(f"  Spearman vs final loss: KL {e.get('spearman_kl_vs_final')}, "
-                     f"proxy {e.get('spearman_proxy_vs_final')}")
+        def rho(k):
+            v = e.get(k)
+            return "n/a" if v is None else f"{v:.2f}"
+        lines.append(f"  Spearman vs final loss: KL {rho('spearman_kl_vs_final')}, "
+                     f"proxy {rho('spearman_proxy_vs_final')}, proxy + "
+                     f"{e.get('kl_weight', 2.5):g} x KL {rho('spearman_score_vs_final')}")
     return "\n".join(lines)
 
 

@@ -15,7 +15,7 @@ from qra_kernels.format import SUPPORTED_BITS, SUPPORTED_GROUP_SIZES
 
 GRANULARITIES = ("block", "module")
 METHODS = ("recommended", "rtn", "hqq", "gptq")
-SELECTIONS = ("proxy-near-kl", "kl", "proxy")
+SELECTIONS = ("proxy+kl", "proxy-near-kl", "kl", "proxy")
 
 # Fields that change what an archived evaluation *means*: a resumed search must agree on
 # them. Everything else (budget, effort, choices) may change between runs of one archive —
@@ -51,12 +51,18 @@ class SearchConfig:
     # candidate, each about 4 KL passes per group.
     descent_rounds: int = 2
     # How the result is chosen (docs/SEARCH.md, "Which candidate is chosen"):
+    # "proxy+kl" — the finalist with the lowest proxy fine-tune loss + kl_weight × KL. The
+    # proxy trains and validates on calibration text: its gain is mostly fit to that text,
+    # and only a fraction k of it carries to other text after a long fine-tune, while the
+    # KL (what quantization took) stays. Predicted loss elsewhere ~ KL - k·gain
+    # = k·(proxy + (1-k)/k · KL) + const, so kl_weight = (1-k)/k (2.5: k = 0.29).
     # "proxy-near-kl" — among the finalists whose KL is at most kl_slack times the lowest
-    # measured KL, the lowest proxy fine-tune loss (KL guards what the quantized model keeps,
-    # the proxy picks the adapter capacity to learn); "kl" — the lowest measured KL;
-    # "proxy" — the lowest proxy loss among all finalists. Without proxy fine-tunes
-    # (proxy_top=0) "proxy-near-kl" is "kl".
-    select: str = "proxy-near-kl"
+    # measured KL, the lowest proxy loss (the default until 2026-12-04: it failed on
+    # Gemma-3, where the lowest KL was a rank-0 outlier that left no other finalist
+    # eligible); "kl" — the lowest measured KL; "proxy" — the lowest proxy loss among all
+    # finalists. Without proxy fine-tunes (proxy_top=0) every rule but "kl" is "kl".
+    select: str = "proxy+kl"
+    kl_weight: float = 2.5
     kl_slack: float = 2.0
     proxy_top: int = 2
     proxy_steps: int = 10
@@ -137,6 +143,9 @@ class SearchConfig:
         if (isinstance(self.kl_slack, bool) or not isinstance(self.kl_slack, (int, float))
                 or not math.isfinite(self.kl_slack) or self.kl_slack < 1):
             raise ValueError(f"kl_slack must be a number >= 1, got {self.kl_slack!r}")
+        if (isinstance(self.kl_weight, bool) or not isinstance(self.kl_weight, (int, float))
+                or not math.isfinite(self.kl_weight) or self.kl_weight < 0):
+            raise ValueError(f"kl_weight must be a finite number >= 0, got {self.kl_weight!r}")
         if self.popsize is not None and (not isinstance(self.popsize, int) or self.popsize < 2):
             raise ValueError(f"popsize must be an int >= 2 or None, got {self.popsize!r}")
         if not (isinstance(self.proxy_lr, (int, float)) and self.proxy_lr > 0):

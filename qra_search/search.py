@@ -19,10 +19,11 @@ Order of work (each timed, with the process's peak resident memory after it; see
    candidates, the greedy and plasticity seeds and the uniform allocation at the budget get
    the same short LoRA fine-tune.
 
-``best`` (``select``): by default the finalist with the lowest proxy validation loss among
-those whose KL is at most ``kl_slack`` (2) times the lowest measured KL
-(``"proxy-near-kl"``); or the feasible candidate with the lowest KL (``"kl"``); or the
-finalist with the lowest proxy loss (``"proxy"``).
+``best`` (``select``, :func:`select_finalist`): by default the finalist with the lowest
+proxy validation loss + ``kl_weight`` (2.5) × KL (``"proxy+kl"``); or the lowest proxy loss
+among the finalists whose KL is at most ``kl_slack`` times the lowest (``"proxy-near-kl"``);
+or the feasible candidate with the lowest KL (``"kl"``); or the finalist with the lowest
+proxy loss (``"proxy"``).
 
 Every evaluation goes through the :class:`~qra_search.archive.Archive` first, so a resumed
 search recomputes nothing it has already measured, and a finished search run again with
@@ -316,15 +317,8 @@ def run_search(model, calibration, budget_bits=_UNSET, *, config: Optional[Searc
             ev.restore()
         clock.close()
 
-    best_cfg = finalists[0]  # the feasible candidate with the lowest measured KL
-    if proxy_loss and config.select != "kl":
-        eligible = finalists
-        if config.select == "proxy-near-kl":
-            kl_of = {space.key(c): arch.get(space.key(c), "cheap")["quality"] for c in finalists}
-            floor = min(kl_of.values())
-            eligible = [c for c in finalists if kl_of[space.key(c)] <= config.kl_slack * floor]
-        best_cfg = min(eligible, key=lambda c: (proxy_loss[space.key(c)], space.key(c)))
-
+    kl_of = {space.key(c): arch.get(space.key(c), "cheap")["quality"] for c in finalists}
+    best_cfg = select_finalist(finalists, space.key, kl_of, proxy_loss, config)
     meta = {"search": config.to_dict(),
             "method_per_bits": {str(b): method_for(b, config.method) for b in space.bits},
             "lora_init": config.lora_init, "quality_metric": "kl_per_token",
@@ -350,6 +344,23 @@ def run_search(model, calibration, budget_bits=_UNSET, *, config: Optional[Searc
     return SearchResult(front, best, clock.timings, sens, budget_info,
                         [to_alloc(c) for c in baselines], counts, archive, config,
                         clock.resources, arch.stage_seconds())
+
+
+def select_finalist(finalists, key, kl_of: Dict[str, float], proxy_loss: Dict[str, float],
+                    config: SearchConfig):
+    """The chosen finalist under ``config.select`` (``finalists[0]`` is the feasible
+    candidate with the lowest measured KL; ``kl_of`` and ``proxy_loss`` are keyed by
+    ``key(cfg)``). Ties go to the smaller key, so the choice is deterministic."""
+    if not proxy_loss or config.select == "kl":
+        return finalists[0]
+    eligible = [c for c in finalists if key(c) in proxy_loss]
+    if config.select == "proxy+kl":
+        return min(eligible, key=lambda c: (proxy_loss[key(c)] + config.kl_weight * kl_of[key(c)],
+                                            key(c)))
+    if config.select == "proxy-near-kl":
+        floor = min(kl_of[key(c)] for c in eligible)
+        eligible = [c for c in eligible if kl_of[key(c)] <= config.kl_slack * floor]
+    return min(eligible, key=lambda c: (proxy_loss[key(c)], key(c)))
 
 
 def _cfg(rec: dict) -> Dict[str, Tuple[int, int]]:

@@ -104,6 +104,12 @@ def test_tiny_run_end_to_end_and_resume(tmp_path, make_model, make_tokenizer, ca
     summary = json.load(open(out / "summary.json"))["4"]
     assert set(summary["variants"]) == variants
     assert summary["finetune_epoch_seconds"] > 0 and "search_over_epoch" in summary
+    # the default selection's own score is ranked against the outcome too
+    assert summary["kl_weight"] == 2.5
+    t = summary["variants"]
+    score = [t[v]["proxy_loss"] + 2.5 * t[v]["calib_kl"] for v in t]
+    assert summary["spearman_score_vs_final"] == pytest.approx(
+        spearman(score, [t[v]["heldout_loss_after_mean"] for v in t]))
     # rerun: every fine-tune row is done, none is repeated
     assert main(argv) == 0
     again = [json.loads(l) for l in open(out / "rows.jsonl")]
