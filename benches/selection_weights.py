@@ -28,15 +28,18 @@ def allocations(paths, budget):
     for r in _current_rows(rows, latest_only=False):
         if r["budget"] == budget:
             by.setdefault(r["allocation_key"], []).append(r)
-    out = {}
+    out, seen = {}, {}
     for rs in by.values():
         after = [r["heldout_loss_after"] for r in rs]
         name = rs[0]["variant"]
-        if name in out:  # a variant whose allocation changed between searches (a new rule)
-            name = f"{name}-{sum(1 for n in out if n.startswith(name))}"
+        # a variant whose allocation changed between searches (a new rule) is listed per
+        # allocation: searched, searched-1, ...
+        seen[name] = seen.get(name, -1) + 1
+        if seen[name]:
+            name = f"{name}-{seen[name]}"
         out[name] = {"kl": rs[0]["calib_kl"], "proxy": rs[0]["proxy_loss"],
-                                 "final": sum(after) / len(after),
-                                 "spread": max(after) - min(after), "seeds": len(rs)}
+                     "final": sum(after) / len(after),
+                     "spread": max(after) - min(after), "seeds": len(rs)}
     return out
 
 

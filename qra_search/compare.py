@@ -45,6 +45,10 @@ from typing import Dict, List, Optional
 
 from qra_kernels.cli_common import Parser, positive, str_list
 
+# SearchConfig.kl_weight's default, written out because importing qra_search.config loads
+# torch and this parser must not (tests/qra_search/test_compare.py checks the two agree)
+DEFAULT_KL_WEIGHT = 2.5
+
 
 def _float_list(s: str) -> List[float]:
     try:
@@ -80,7 +84,7 @@ def build_parser() -> Parser:
     p.add_argument("--descent-rounds", type=int, default=2)
     p.add_argument("--select", choices=["proxy+kl", "proxy-near-kl", "kl", "proxy"],
                    default="proxy+kl")
-    p.add_argument("--kl-weight", type=float, default=2.5)
+    p.add_argument("--kl-weight", type=float, default=DEFAULT_KL_WEIGHT)
     p.add_argument("--kl-slack", type=float, default=2.0)
     p.add_argument("--proxy-top", type=int, default=1)
     p.add_argument("--proxy-steps", type=int, default=8)
@@ -442,7 +446,7 @@ def summarize(rows: List[dict]) -> Dict[str, dict]:
                                                         means)
             # the default selection's score (proxy + kl_weight x KL, docs/SEARCH.md); runs
             # from before it existed are scored with today's default weight
-            w = srch["settings"].get("kl_weight", 2.5)
+            w = srch["settings"].get("kl_weight", DEFAULT_KL_WEIGHT)
             entry["kl_weight"] = w
             entry["spearman_score_vs_final"] = spearman(
                 [table[v]["proxy_loss"] + w * table[v]["calib_kl"] for v in table], means)
@@ -485,7 +489,7 @@ def format_summary(summary: Dict[str, dict]) -> str:
             return "n/a" if v is None else f"{v:.2f}"
         lines.append(f"  Spearman vs final loss: KL {rho('spearman_kl_vs_final')}, "
                      f"proxy {rho('spearman_proxy_vs_final')}, proxy + "
-                     f"{e.get('kl_weight', 2.5):g} x KL {rho('spearman_score_vs_final')}")
+                     f"{e.get('kl_weight', DEFAULT_KL_WEIGHT):g} x KL {rho('spearman_score_vs_final')}")
     return "\n".join(lines)
 
 

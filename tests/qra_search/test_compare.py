@@ -58,6 +58,20 @@ def test_only_is_checked_before_anything_loads(capsys):
         assert said in err.splitlines()[-1]
 
 
+def test_selection_defaults_match_search_config():
+    """compare's and the CLI's parsers spell SearchConfig's selection defaults out (importing
+    it loads torch); they must not drift from it."""
+    from qra_search.cli import build_parser as cli_parser
+    from qra_search.compare import DEFAULT_KL_WEIGHT, build_parser
+    from qra_search.config import SearchConfig
+    c = SearchConfig()
+    args = build_parser().parse_args(["--out", "x"])
+    assert (args.select, args.kl_weight, args.kl_slack) == (c.select, c.kl_weight, c.kl_slack)
+    assert DEFAULT_KL_WEIGHT == c.kl_weight
+    s = cli_parser().parse_args(["search"])
+    assert (s.select, s.kl_weight, s.kl_slack) == (c.select, c.kl_weight, c.kl_slack)
+
+
 def test_spearman():
     assert spearman([1, 2, 3, 4], [10, 20, 30, 40]) == pytest.approx(1.0)
     assert spearman([1, 2, 3, 4], [4, 3, 2, 1]) == pytest.approx(-1.0)
